@@ -1,0 +1,163 @@
+"""The nouns of the engine: what a run asks for, what it has become, and the events between.
+
+Everything here is plain data. `RunSpec` and `Event` are frozen because they are facts
+(a submitted request, a journal line) that must never change after the fact. `Run` is
+mutable on purpose: it is the fold's accumulator, updated in place by `state.apply` so that
+replaying a million events does not copy a million records. Nothing outside `state.py`
+assigns to a `Run`.
+
+Timestamps are floats (seconds since the Unix epoch, UTC) inside the engine: cheap to store,
+compare and do arithmetic on. They become ISO-8601 strings with a `Z` only at the boundaries
+(HTTP, webhooks, `log inspect`), via `isoformat`.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "TERMINAL",
+    "Event",
+    "EventType",
+    "Progress",
+    "Run",
+    "RunSpec",
+    "Status",
+    "WebhookState",
+    "isoformat",
+    "new_run_id",
+]
+
+
+class Status(enum.StrEnum):
+    """Where a run is in its life. The legal moves between them live in `machine.py`."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL: frozenset[Status] = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+
+
+class EventType(enum.StrEnum):
+    """Every kind of journal line about a run. The string is what is written to disk."""
+
+    SUBMITTED = "submitted"  # the run exists (queued)
+    STARTED = "started"  # an actor took it (running)
+    PROGRESS = "progress"  # percentage / step reported by the runner
+    OUTPUT = "output"  # a chunk of streamed output text
+    CANCEL_REQUESTED = "cancel_requested"  # acknowledged cancel of a running run
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # runner error, timeout, expiry in queue, interrupted by restart
+    CANCELLED = "cancelled"
+    RETRYING = "retrying"  # a retryable failure with attempts left: back to queued
+    REQUEUED = "requeued"  # recovery: was running when the process stopped
+    DELETED = "deleted"  # removed by the user (finished runs only)
+    WEBHOOK_ATTEMPT = "webhook_attempt"  # one delivery attempt of the terminal webhook
+    WEBHOOK_REDELIVER = "webhook_redeliver"  # a user asked for another delivery
+
+
+def new_run_id() -> str:
+    """An opaque, unguessable id: `run_` and 128 random bits."""
+    return "run_" + secrets.token_hex(16)
+
+
+def isoformat(ts: float | None) -> str | None:
+    """Epoch seconds -> `2026-11-28T21:08:57.123456Z` (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@attrs.frozen(slots=True)
+class RunSpec:
+    """What the caller asked for; fixed at submit and written whole in the `submitted` event."""
+
+    prompt: str
+    config: dict[str, Any] = attrs.field(factory=dict)
+    session_id: str | None = None
+    priority: int = 0
+    timeout: float | None = None  # seconds of running before the run fails as timed out
+    max_attempts: int = 1
+    runner: str | None = None  # None: the engine's default runner
+    webhook_url: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None  # hash of the request body, to tell a replay from a misuse
+    tenant: str | None = None
+    ttl: float | None = None  # seconds a run may wait in the queue before it expires
+
+
+@attrs.frozen(slots=True)
+class Progress:
+    percentage: float = 0.0
+    step: str | None = None
+    steps_completed: int = 0
+    steps_total: int | None = None
+
+
+NO_PROGRESS = Progress()
+
+
+@attrs.frozen(slots=True)
+class Event:
+    """One journal line: a fact about one run, numbered by `seq` (strictly increasing)."""
+
+    seq: int
+    ts: float
+    run: str
+    type: EventType
+    data: dict[str, Any]
+
+
+@attrs.define(slots=True)
+class WebhookState:
+    """Delivery bookkeeping for a run's terminal webhook, folded from webhook events."""
+
+    attempts: int = 0
+    delivered: bool = False
+    gave_up: bool = False
+    next_attempt_at: float | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+@attrs.define(slots=True, eq=True)
+class Run:
+    """The folded state of one run. Mutated only by `state.apply`."""
+
+    id: str
+    spec: RunSpec
+    seq: int  # seq of the `submitted` event: the run's place in creation order
+    created_at: float
+    status: Status = Status.QUEUED
+    attempt: int = 0
+    started_at: float | None = None
+    completed_at: float | None = None
+    progress: Progress = NO_PROGRESS
+    result: Any = None
+    error: str | None = None
+    error_kind: str | None = None  # "error" | "timeout" | "expired" | "interrupted" | ...
+    metrics: dict[str, Any] | None = None
+    not_before: float | None = None  # earliest start after a retry backoff
+    cancel_requested: bool = False
+    last_seq: int = 0  # seq of the newest event about this run
+    webhook: WebhookState | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def duration(self) -> float | None:
+        if self.completed_at is None:
+            return None
+        start = self.started_at if self.started_at is not None else self.created_at
+        return max(0.0, self.completed_at - start)

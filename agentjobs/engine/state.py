@@ -1,0 +1,258 @@
+"""The fold: journal events in, run state and its indexes out. Sans-IO.
+
+`apply(state, event)` is the only code that changes run state, live and on replay alike, so
+a server that replays its journal from scratch ends up exactly where the live one was. It is
+deterministic (no clock, no IO, no randomness: every time it needs is in the event) and it
+updates `state` in place for speed, returning it so a replay reads as
+`functools.reduce(apply, events, State())`.
+
+Indexes kept alongside the runs, each updated by the same fold:
+
+* `runs`: id -> Run.
+* `order` / `order_seqs`: runs in creation order (append-only; deleted runs are skipped
+  lazily and squeezed out by `vacuum`), so listing newest first with a cursor is a bisect.
+* `by_status`, `by_session`: id sets for filtered listing and counts.
+* `idempotency`: (tenant, key) -> run id. Expiry is judged at lookup time against a `now`
+  the caller supplies; compaction forgets expired keys for good.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import attrs
+
+from . import machine
+from .model import (
+    NO_PROGRESS,
+    TERMINAL,
+    Event,
+    EventType,
+    Progress,
+    Run,
+    RunSpec,
+    Status,
+    WebhookState,
+)
+
+__all__ = ["State", "apply", "replay", "spec_from_data", "spec_to_data"]
+
+E = EventType
+
+
+@attrs.define(slots=True, eq=False)
+class State:
+    runs: dict[str, Run] = attrs.Factory(dict)
+    order: list[Run] = attrs.Factory(list)
+    order_seqs: list[int] = attrs.Factory(list)
+    by_status: dict[Status, dict[str, None]] = attrs.Factory(
+        lambda: {s: {} for s in Status}
+    )
+    by_session: dict[str, dict[str, None]] = attrs.Factory(dict)
+    idempotency: dict[tuple[str | None, str], str] = attrs.Factory(dict)
+    last_seq: int = 0
+    deleted_in_order: int = 0
+
+    # -- queries ---------------------------------------------------------------------
+
+    def get(self, run_id: str) -> Run | None:
+        return self.runs.get(run_id)
+
+    def count(self, status: Status) -> int:
+        return len(self.by_status[status])
+
+    def find_idempotent(
+        self, tenant: str | None, key: str, *, now: float, window: float | None
+    ) -> Run | None:
+        """The live run submitted under (tenant, key) within `window` seconds of `now`."""
+        run_id = self.idempotency.get((tenant, key))
+        if run_id is None:
+            return None
+        run = self.runs.get(run_id)
+        if run is None:
+            return None
+        if window is not None and run.created_at + window <= now:
+            return None
+        return run
+
+    def newest_first(
+        self,
+        *,
+        before_seq: int | None = None,
+        status: Status | None = None,
+        session_id: str | None = None,
+        tenant: str | None = None,
+        any_tenant: bool = False,
+    ) -> Iterator[Run]:
+        """Runs newest first, optionally only those created before `before_seq` (a cursor)."""
+        end = len(self.order)
+        if before_seq is not None:
+            end = bisect.bisect_left(self.order_seqs, before_seq)
+        status_ids = self.by_status[status] if status is not None else None
+        session_ids = self.by_session.get(session_id, {}) if session_id is not None else None
+        for i in range(end - 1, -1, -1):
+            run = self.order[i]
+            rid = run.id
+            if rid not in self.runs:
+                continue  # deleted; squeezed out at the next vacuum
+            if status_ids is not None and rid not in status_ids:
+                continue
+            if session_ids is not None and rid not in session_ids:
+                continue
+            if not any_tenant and run.spec.tenant != tenant:
+                continue
+            yield run
+
+    def vacuum(self) -> None:
+        """Drop deleted runs from the creation-order index (amortised, after many deletes)."""
+        if self.deleted_in_order:
+            self.order = [r for r in self.order if r.id in self.runs]
+            self.order_seqs = [r.seq for r in self.order]
+            self.deleted_in_order = 0
+
+
+def spec_to_data(spec: RunSpec) -> dict[str, Any]:
+    """A spec as the `submitted` event's data: only fields that differ from the defaults."""
+    data: dict[str, Any] = {"prompt": spec.prompt}
+    for field in attrs.fields(RunSpec)[1:]:
+        value = getattr(spec, field.name)
+        default = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        if value != default:
+            data[field.name] = value
+    return data
+
+
+def spec_from_data(data: dict[str, Any]) -> RunSpec:
+    return RunSpec(**data)
+
+
+def _remove_index(state: State, run: Run) -> None:
+    state.by_status[run.status].pop(run.id, None)
+
+
+def apply(state: State, event: Event) -> State:
+    """Fold one event into `state`. Raises `IllegalTransition` for an impossible event."""
+    if event.seq <= state.last_seq:
+        raise ValueError(f"event seq {event.seq} is not after {state.last_seq}")
+    run = state.runs.get(event.run)
+    before = run.status if run is not None else None
+    after = machine.transition(event.run, before, event.type)
+    state.last_seq = event.seq
+    data = event.data
+    etype = event.type
+
+    if etype is E.SUBMITTED:
+        spec = spec_from_data(data)
+        run = Run(id=event.run, spec=spec, seq=event.seq, created_at=event.ts)
+        state.runs[run.id] = run
+        state.order.append(run)
+        state.order_seqs.append(event.seq)
+        if spec.session_id is not None:
+            state.by_session.setdefault(spec.session_id, {})[run.id] = None
+        if spec.idempotency_key is not None:
+            state.idempotency[spec.tenant, spec.idempotency_key] = run.id
+        state.by_status[Status.QUEUED][run.id] = None
+        run.last_seq = event.seq
+        return state
+
+    assert run is not None  # the table has no other edge from None
+    run.last_seq = event.seq
+
+    if etype is E.DELETED:
+        _remove_index(state, run)
+        del state.runs[run.id]
+        state.deleted_in_order += 1
+        sid = run.spec.session_id
+        if sid is not None:
+            ids = state.by_session.get(sid)
+            if ids is not None:
+                ids.pop(run.id, None)
+                if not ids:
+                    del state.by_session[sid]
+        key = run.spec.idempotency_key
+        if key is not None and state.idempotency.get((run.spec.tenant, key)) == run.id:
+            del state.idempotency[run.spec.tenant, key]
+        return state
+
+    assert after is not None
+    if after is not before:
+        assert before is not None
+        state.by_status[before].pop(run.id, None)
+        state.by_status[after][run.id] = None
+        run.status = after
+
+    if etype is E.STARTED:
+        run.attempt = data.get("attempt", run.attempt + 1)
+        run.started_at = event.ts
+        run.not_before = None
+        run.progress = NO_PROGRESS
+        run.error = None
+        run.error_kind = None
+    elif etype is E.PROGRESS:
+        old = run.progress
+        run.progress = Progress(
+            percentage=data.get("percentage", old.percentage),
+            step=data.get("step", old.step),
+            steps_completed=data.get("steps_completed", old.steps_completed),
+            steps_total=data.get("steps_total", old.steps_total),
+        )
+    elif etype is E.OUTPUT:
+        pass  # output lives in the journal (for streams), not in the folded state
+    elif etype is E.CANCEL_REQUESTED:
+        run.cancel_requested = True
+    elif etype is E.SUCCEEDED:
+        run.result = data.get("result")
+        run.metrics = data.get("metrics")
+        run.completed_at = event.ts
+        run.progress = attrs.evolve(run.progress, percentage=100.0)
+        _finish(run)
+    elif etype is E.FAILED:
+        run.error = data.get("error")
+        run.error_kind = data.get("kind", "error")
+        run.metrics = data.get("metrics", run.metrics)
+        run.completed_at = event.ts
+        _finish(run)
+    elif etype is E.CANCELLED:
+        run.error = data.get("reason")
+        run.error_kind = "cancelled"
+        run.completed_at = event.ts
+        _finish(run)
+    elif etype is E.RETRYING:
+        run.error = data.get("error")
+        run.error_kind = data.get("kind", "error")
+        run.not_before = data.get("not_before")
+    elif etype is E.REQUEUED:
+        run.not_before = None
+    elif etype is E.WEBHOOK_ATTEMPT:
+        hook = run.webhook if run.webhook is not None else WebhookState()
+        hook.attempts += 1
+        hook.delivered = bool(data.get("ok"))
+        hook.last_status = data.get("status_code")
+        hook.last_error = data.get("error")
+        hook.next_attempt_at = data.get("next_attempt_at")
+        hook.gave_up = not hook.delivered and hook.next_attempt_at is None
+        run.webhook = hook
+    elif etype is E.WEBHOOK_REDELIVER:
+        hook = run.webhook if run.webhook is not None else WebhookState()
+        hook.gave_up = False
+        hook.delivered = False
+        hook.next_attempt_at = data.get("at", event.ts)
+        run.webhook = hook
+    return state
+
+
+def _finish(run: Run) -> None:
+    run.not_before = None
+    if run.spec.webhook_url is not None and run.status in TERMINAL:
+        run.webhook = WebhookState(next_attempt_at=run.completed_at)
+
+
+def replay(events: Iterable[Event], state: State | None = None) -> State:
+    state = state if state is not None else State()
+    for event in events:
+        apply(state, event)
+    return state
