@@ -23,12 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _cli_log.register(sub)
-    try:
-        from . import _cli_serve
-    except ImportError:  # pragma: no cover - during bootstrap only
-        pass
-    else:
-        _cli_serve.register(sub)
     return parser
 
 

@@ -222,8 +222,7 @@ class Journal:
         self.clock = clock
         self.hooks = hooks or IOHooks()
         self.last_seq = 0
-        self._queue: list[Ticket] = []
-        self._queued_sync = False
+        self._batch = _Batch()  # the batch now filling; the writer swaps in a fresh one
         self._wakeup = trio.Event()
         self._closed = False
         self._fd: int | None = None
@@ -318,9 +317,7 @@ class Journal:
                 else:
                     event = event_from_obj(obj)
                     if event.seq <= last_seq:
-                        raise ValueError(
-                            f"sequence number {event.seq} does not follow {last_seq}"
-                        )
+                        raise ValueError(f"sequence number {event.seq} does not follow {last_seq}")
                     on_replay(event)
                     last_seq = event.seq
                     report.events += 1
@@ -414,9 +411,11 @@ class Journal:
             {"seq": event.seq, "ts": event.ts, "run": run, "type": type.value, "data": data}
         )
         ticket = Ticket(event, line, sync)
-        self._queue.append(ticket)
+        batch = self._batch
+        ticket.batch = batch
+        batch.tickets.append(ticket)
         if sync:
-            self._queued_sync = True
+            batch.sync = True
         self._wakeup.set()
         return ticket
 
@@ -430,17 +429,14 @@ class Journal:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            if self._queue:
+            if self._batch.tickets:
                 await self._write_batch()
-            if self._closed and not self._queue:
+            if self._closed and not self._batch.tickets:
                 return
 
     async def _write_batch(self) -> None:
-        tickets, self._queue = self._queue, []
-        batch = _Batch(tickets=tickets, sync=self._queued_sync)
-        self._queued_sync = False
-        for t in tickets:
-            t.batch = batch
+        batch, self._batch = self._batch, _Batch()
+        tickets = batch.tickets
         try:
             if self.durability != "memory":
                 await self._write_file(batch)

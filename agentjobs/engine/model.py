@@ -149,6 +149,7 @@ class Run:
     not_before: float | None = None  # earliest start after a retry backoff
     cancel_requested: bool = False
     last_seq: int = 0  # seq of the newest event about this run
+    terminal_seq: int | None = None  # seq of its succeeded/failed/cancelled event
     webhook: WebhookState | None = None
 
     @property

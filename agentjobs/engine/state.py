@@ -47,9 +47,7 @@ class State:
     runs: dict[str, Run] = attrs.Factory(dict)
     order: list[Run] = attrs.Factory(list)
     order_seqs: list[int] = attrs.Factory(list)
-    by_status: dict[Status, dict[str, None]] = attrs.Factory(
-        lambda: {s: {} for s in Status}
-    )
+    by_status: dict[Status, dict[str, None]] = attrs.Factory(lambda: {s: {} for s in Status})
     by_session: dict[str, dict[str, None]] = attrs.Factory(dict)
     idempotency: dict[tuple[str | None, str], str] = attrs.Factory(dict)
     last_seq: int = 0
@@ -113,16 +111,21 @@ class State:
             self.deleted_in_order = 0
 
 
+def _spec_defaults() -> tuple[tuple[str, Any], ...]:
+    blank = RunSpec(prompt="")
+    return tuple((f.name, getattr(blank, f.name)) for f in attrs.fields(RunSpec)[1:])
+
+
+_SPEC_DEFAULTS = _spec_defaults()
+
+
 def spec_to_data(spec: RunSpec) -> dict[str, Any]:
     """A spec as the `submitted` event's data: only fields that differ from the defaults."""
     data: dict[str, Any] = {"prompt": spec.prompt}
-    for field in attrs.fields(RunSpec)[1:]:
-        value = getattr(spec, field.name)
-        default = field.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory()
+    for name, default in _SPEC_DEFAULTS:
+        value = getattr(spec, name)
         if value != default:
-            data[field.name] = value
+            data[name] = value
     return data
 
 
@@ -227,6 +230,8 @@ def apply(state: State, event: Event) -> State:
         run.not_before = data.get("not_before")
     elif etype is E.REQUEUED:
         run.not_before = None
+        if not data.get("count_attempt", True):
+            run.attempt = max(0, run.attempt - 1)  # an interrupted attempt is given back
     elif etype is E.WEBHOOK_ATTEMPT:
         hook = run.webhook if run.webhook is not None else WebhookState()
         hook.attempts += 1
@@ -247,6 +252,7 @@ def apply(state: State, event: Event) -> State:
 
 def _finish(run: Run) -> None:
     run.not_before = None
+    run.terminal_seq = run.last_seq
     if run.spec.webhook_url is not None and run.status in TERMINAL:
         run.webhook = WebhookState(next_attempt_at=run.completed_at)
 
