@@ -23,8 +23,12 @@ class EchoRunner:
         steps = max(1, int(cfg.get("steps", 1) or 1))
         if delay > 0:
             for i in range(steps):
-                ctx.progress(100.0 * i / steps, f"step {i + 1} of {steps}",
-                             steps_completed=i, steps_total=steps)
+                ctx.progress(
+                    100.0 * i / steps,
+                    f"step {i + 1} of {steps}",
+                    steps_completed=i,
+                    steps_total=steps,
+                )
                 await trio.sleep(delay / steps)
         if cfg.get("output"):
             for word in ctx.prompt.split():
