@@ -9,6 +9,7 @@ Embed the engine directly::
 or run the HTTP server with `agentjobs serve`.
 """
 
+from ._background import BackgroundEngine
 from .engine import (
     TERMINAL,
     AlreadyFinished,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TERMINAL",
     "AlreadyFinished",
+    "BackgroundEngine",
     "Engine",
     "EngineClosed",
     "EngineConfig",

@@ -15,7 +15,7 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import _cli_log
+    from . import _cli_client, _cli_log, _cli_serve
 
     parser = argparse.ArgumentParser(
         prog="agentjobs", description="A durable job server for long-running AI-agent tasks."
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _cli_log.register(sub)
+    _cli_serve.register(sub)
+    _cli_client.register(sub)
     return parser
 
 

@@ -1,0 +1,158 @@
+"""An ASGI wrapper in front of quart: the request body limit, and answers that never hang.
+
+**The hang it prevents.** When the app answers before the client has finished sending its
+body (a 413 while reading, or any endpoint that ignores a body), hypercorn 0.18 closes the
+connection from inside the app's task; quart-trio cancels that task as soon as hypercorn
+reports the disconnect, which cancels the close half-way. The socket then stays open and
+the client's next keep-alive request on it hangs forever (reproduced: a chunked body over
+the limit, or a 500 kB body sent to `GET /health`, followed by any request). So the last
+message of every response is held back until the app has returned, and sent from here, in
+a task nobody cancels; while it is sent, what the client still sends is read and dropped
+(hypercorn hands it over through a small bounded queue and would block if nobody read).
+
+**The body limit.** A declared `Content-Length` over the limit is refused before anything
+is read. A body without one (chunked) is counted as it arrives; past the limit the app is
+told the client went away (so it stops reading at once) and the 413 is sent from here. A
+413 closes the connection (`Connection: close`): the unread rest of the body makes it
+unusable for a next request anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+import trio
+
+from .errors import PROBLEM_CONTENT_TYPE, Problem
+
+__all__ = ["RequestGuard"]
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+_DRAIN_S = 5.0  # longest we read and drop a client's unwanted body after answering
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            await self._finish(receive, send, _refusal(scope, self.limit), body_done=False)
+            return
+
+        received = 0
+        overflow = False
+        body_done = False
+        started = False
+        last: list[Message] = []
+
+        async def guarded_receive() -> Message:
+            nonlocal received, overflow, body_done
+            if overflow:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    overflow = True
+                    return {"type": "http.disconnect"}
+                if not message.get("more_body", False):
+                    body_done = True
+            elif message["type"] == "http.disconnect":
+                body_done = True
+            return message
+
+        async def deferring_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                last.append(message)  # sent once the app has returned (module docstring)
+                return
+            await send(message)
+
+        await self.app(scope, guarded_receive, deferring_send)
+        if overflow and not started:
+            await self._finish(receive, send, _refusal(scope, self.limit), body_done=False)
+        elif last:
+            if not body_done:
+                # The app ignored (part of) the body: read the rest so that the connection
+                # can serve the client's next request, as the response did not say it closes.
+                outcome = await self._read_rest(receive)
+                if outcome == "gone":
+                    return
+                body_done = outcome == "done"
+            await self._finish(receive, send, last, body_done=body_done)
+
+    async def _read_rest(self, receive: Receive) -> str:
+        """Drop the rest of the request body: "done", "gone" (client left) or "too much"."""
+        dropped = 0
+        with trio.move_on_after(_DRAIN_S):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return "gone"
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return "done"
+                if dropped > self.limit:
+                    break
+        return "too much"
+
+    @staticmethod
+    async def _finish(
+        receive: Receive, send: Send, messages: list[Message], *, body_done: bool
+    ) -> None:
+        if body_done:  # the usual case: the connection is recycled, nothing to drain
+            for message in messages:
+                await send(message)
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def discard() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+
+            nursery.start_soon(discard)
+            for message in messages:
+                await send(message)
+            # hypercorn reports the disconnect once the answer is out; do not wait longer
+            nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_S
+
+
+def _refusal(scope: MutableMapping[str, Any], limit: int) -> list[Message]:
+    problem = Problem("payload-too-large", f"the request body is over the limit of {limit} bytes")
+    body = orjson.dumps(problem.body(scope.get("path")))
+    return [
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        },
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
+
+
+def _content_length(scope: MutableMapping[str, Any]) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,514 @@
+"""Server settings: one table of options, read from flags and `AGENTJOBS_*` variables.
+
+Every option is described once, in `OPTIONS`: the `serve` parser, the environment lookup,
+`docs/configuration.md` and its test are all driven from that table, so a new knob cannot
+be half-wired (a flag without its variable, or an undocumented variable).
+
+Precedence: a command-line flag wins over the environment variable, which wins over the
+default. Values from both sources go through the same parser, so `--port x` and
+`AGENTJOBS_PORT=x` fail with the same message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import attrs
+
+from ..engine import EngineConfig
+from ..engine.outbox import WebhookSettings, parse_tenant_secrets
+from ..engine.ssrf import WebhookPolicy
+
+__all__ = ["OPTIONS", "Option", "ServerSettings", "SettingsError", "add_arguments", "resolve"]
+
+Durability = Literal["fsync", "os", "memory"]
+DURABILITIES: tuple[Durability, ...] = ("fsync", "os", "memory")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot use; the message names flag and variable."""
+
+
+# -- value parsers (strings in, typed values out; ValueError with a short reason) ---------
+
+
+def _str(text: str) -> str:
+    return text
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise ValueError(f"must be a port number (0-65535; 0 picks a free one), got {value}")
+    return value
+
+
+def _optional_int_at_least(low: int) -> Callable[[str], int | None]:
+    def parse(text: str) -> int | None:
+        if text.strip().lower() in ("", "none", "off", "0"):
+            return None
+        return _int_at_least(low)(text)
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0 seconds, got {text!r}")
+    return value
+
+
+def _optional_seconds(text: str) -> float | None:
+    if text.strip().lower() in ("", "none", "off", "0"):
+        return None
+    return _positive_seconds(text)
+
+
+def _durability(text: str) -> Durability:
+    if text not in DURABILITIES:
+        raise ValueError(f"must be one of {', '.join(DURABILITIES)}, got {text!r}")
+    return text
+
+
+def _public_url(text: str) -> str | None:
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"must be an absolute http(s) URL such as https://jobs.example.com, got {text!r}"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query or fragment, got {text!r}")
+    return text.rstrip("/")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+# -- the table ------------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class Option:
+    """One setting: its attribute name, flag, variable, parser, default and help."""
+
+    name: str
+    flag: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    is_flag: bool = False  # a switch: `--access-log` means true
+
+    @property
+    def env(self) -> str:
+        return "AGENTJOBS_" + self.name.upper()
+
+
+_MIB = 1024 * 1024
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "--host", _str, "127.0.0.1", "address to listen on", "ADDR"),
+    Option("port", "--port", _port, 8005, "port to listen on (0: pick a free port)", "PORT"),
+    Option(
+        "data_dir",
+        "--data-dir",
+        _str,
+        "./agentjobs-data",
+        "directory of the journal (created if missing; unused with --durability memory)",
+        "DIR",
+    ),
+    Option(
+        "durability",
+        "--durability",
+        _durability,
+        "fsync",
+        "fsync: fsync before acknowledging (group commit); os: write without fsync "
+        "(survives a process crash, not power loss); memory: no file (tests, benchmarks)",
+        "MODE",
+    ),
+    Option(
+        "config",
+        "--config",
+        _optional_str,
+        None,
+        "TOML file describing named runners (see docs/configuration.md)",
+        "FILE",
+    ),
+    Option(
+        "runner",
+        "--runner",
+        _optional_str,
+        None,
+        "default runner: with --config, one of its runner names; without, a runner type "
+        "(echo, openai, command, python; default echo)",
+        "NAME",
+    ),
+    Option(
+        "model",
+        "--model",
+        _optional_str,
+        None,
+        "model for --runner openai (else AGENTJOBS_MODEL)",
+        "NAME",
+    ),
+    Option(
+        "openai_base_url",
+        "--openai-base-url",
+        _optional_str,
+        None,
+        "endpoint for --runner openai (else OPENAI_BASE_URL, else OpenAI's)",
+        "URL",
+    ),
+    Option(
+        "command",
+        "--command",
+        _optional_str,
+        None,
+        'command line for --runner command, e.g. "my-agent --json" (prompt on stdin)',
+        "CMD",
+    ),
+    Option(
+        "python_target",
+        "--python-target",
+        _optional_str,
+        None,
+        "module:function for --runner python",
+        "MOD:FN",
+    ),
+    Option(
+        "max_concurrency",
+        "--max-concurrency",
+        _int_at_least(1),
+        8,
+        "runs executing at once",
+        "N",
+    ),
+    Option(
+        "session_concurrency",
+        "--session-concurrency",
+        _optional_int_at_least(1),
+        None,
+        "runs of one session executing at once (1: a session's runs go one at a time, in "
+        "order; default: no per-session limit)",
+        "N",
+    ),
+    Option(
+        "max_queue",
+        "--max-queue",
+        _int_at_least(1),
+        100_000,
+        "queued runs before submits get 503 + Retry-After",
+        "N",
+    ),
+    Option(
+        "grace_period",
+        "--grace-period",
+        _seconds,
+        10.0,
+        "seconds running runs get to finish on shutdown; the rest are requeued for the next start",
+        "SECONDS",
+    ),
+    Option(
+        "default_timeout",
+        "--default-timeout",
+        _optional_seconds,
+        None,
+        "timeout of runs that give none (default: none)",
+        "SECONDS",
+    ),
+    Option(
+        "max_attempts",
+        "--max-attempts",
+        _int_at_least(1),
+        1,
+        "attempts of runs that give no max_attempts (retryable failures only)",
+        "N",
+    ),
+    Option(
+        "max_prompt_chars",
+        "--max-prompt-chars",
+        _optional_int_at_least(1),
+        1_000_000,
+        "longest prompt accepted, in characters (0: no limit)",
+        "N",
+    ),
+    Option(
+        "max_result_bytes",
+        "--max-result-bytes",
+        _optional_int_at_least(1),
+        16 * _MIB,
+        "largest result recorded, in bytes of JSON; larger results fail the run (0: no limit)",
+        "BYTES",
+    ),
+    Option(
+        "idempotency_window",
+        "--idempotency-window",
+        _positive_seconds,
+        24 * 3600.0,
+        "seconds an Idempotency-Key is remembered",
+        "SECONDS",
+    ),
+    Option(
+        "retention",
+        "--retention",
+        _positive_seconds,
+        7 * 24 * 3600.0,
+        "seconds finished runs are kept before compaction may drop them",
+        "SECONDS",
+    ),
+    Option(
+        "cancel_wait",
+        "--cancel-wait",
+        _seconds,
+        30.0,
+        "seconds POST .../cancel waits for a running run to really stop",
+        "SECONDS",
+    ),
+    Option(
+        "public_url",
+        "--public-url",
+        _public_url,
+        None,
+        "base URL for Location, poll_url and stream_url (default: relative paths; the Host "
+        "header is never used)",
+        "URL",
+    ),
+    Option(
+        "max_body_bytes",
+        "--max-body-bytes",
+        _int_at_least(1),
+        _MIB,
+        "largest request body, in bytes (413 beyond)",
+        "BYTES",
+    ),
+    Option(
+        "max_wait",
+        "--max-wait",
+        _seconds,
+        60.0,
+        "cap on GET .../result?wait=SECONDS long-polls",
+        "SECONDS",
+    ),
+    Option(
+        "sse_heartbeat",
+        "--sse-heartbeat",
+        _positive_seconds,
+        15.0,
+        "seconds of silence after which a stream sends a keep-alive comment and a heartbeat event",
+        "SECONDS",
+    ),
+    Option(
+        "webhook_secret",
+        "--webhook-secret",
+        _optional_str,
+        None,
+        "whsec_<base64> secret signing every webhook (several, space-separated, during a "
+        "rotation); prefer the variable: flags are visible in ps",
+        "SECRET",
+    ),
+    Option(
+        "webhook_secrets_file",
+        "--webhook-secrets-file",
+        _optional_str,
+        None,
+        "file of per-tenant webhook secrets, one tenant:whsec_... per line",
+        "FILE",
+    ),
+    Option(
+        "webhook_allow",
+        "--webhook-allow",
+        _optional_str,
+        None,
+        "private networks and host names webhooks may reach, comma-separated (e.g. "
+        "127.0.0.1/32,10.0.0.0/8,hooks.internal); default: public addresses only",
+        "LIST",
+    ),
+    Option(
+        "access_log",
+        "--access-log",
+        _bool,
+        False,
+        "log one line per request to stderr",
+        is_flag=True,
+    ),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class ServerSettings:
+    """Everything `agentjobs serve` needs; build with `resolve` or directly in tests."""
+
+    host: str = "127.0.0.1"
+    port: int = 8005
+    data_dir: str = "./agentjobs-data"
+    durability: Durability = "fsync"
+    config: str | None = None
+    runner: str | None = None
+    model: str | None = None
+    openai_base_url: str | None = None
+    command: str | None = None
+    python_target: str | None = None
+    max_concurrency: int = 8
+    session_concurrency: int | None = None
+    max_queue: int = 100_000
+    grace_period: float = 10.0
+    default_timeout: float | None = None
+    max_attempts: int = 1
+    max_prompt_chars: int | None = 1_000_000
+    max_result_bytes: int | None = 16 * _MIB
+    idempotency_window: float = 24 * 3600.0
+    retention: float = 7 * 24 * 3600.0
+    cancel_wait: float = 30.0
+    public_url: str | None = None
+    max_body_bytes: int = _MIB
+    max_wait: float = 60.0
+    sse_heartbeat: float = 15.0
+    webhook_secret: str | None = attrs.field(default=None, repr=False)
+    webhook_secrets_file: str | None = None
+    webhook_allow: str | None = None
+    access_log: bool = False
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's share of the settings."""
+        return EngineConfig(
+            durability=self.durability,
+            max_concurrency=self.max_concurrency,
+            session_concurrency=self.session_concurrency,
+            max_queue=self.max_queue,
+            default_timeout=self.default_timeout,
+            default_max_attempts=self.max_attempts,
+            max_prompt_chars=self.max_prompt_chars,
+            max_result_bytes=self.max_result_bytes,
+            idempotency_window_s=self.idempotency_window,
+            retention_s=self.retention,
+            grace_period_s=self.grace_period,
+            cancel_wait_s=self.cancel_wait,
+        )
+
+    def webhook_settings(self) -> WebhookSettings:
+        """The outbox's share: signing secrets and the SSRF allow-list. Raises ValueError
+        (without echoing a secret) for a malformed secret, file or allow-list entry."""
+        tenant_secrets: dict[str, str] = {}
+        if self.webhook_secrets_file is not None:
+            try:
+                text = Path(self.webhook_secrets_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(
+                    f"--webhook-secrets-file: cannot read {self.webhook_secrets_file}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            tenant_secrets = parse_tenant_secrets(text)
+        return WebhookSettings(
+            secret=self.webhook_secret,
+            tenant_secrets=tenant_secrets,
+            policy=WebhookPolicy.parse(self.webhook_allow),
+        )
+
+    @property
+    def data_path(self) -> Path | None:
+        """The journal directory, or None when nothing is written (memory durability)."""
+        return None if self.durability == "memory" else Path(self.data_dir)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per option. Defaults stay None so `resolve` can tell 'not given'."""
+    for opt in OPTIONS:
+        default_text = "none" if opt.default is None else str(opt.default)
+        help_text = f"{opt.help} [env {opt.env}; default {default_text}]"
+        if opt.is_flag:
+            parser.add_argument(
+                opt.flag, dest=opt.name, action="store_const", const="true", help=help_text
+            )
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, help=help_text)
+
+
+def resolve(
+    args: argparse.Namespace | Mapping[str, str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServerSettings:
+    """Settings from flags (strings, None when not given), else the environment, else defaults."""
+    env = os.environ if environ is None else environ
+    given: Mapping[str, Any]
+    if args is None:
+        given = {}
+    elif isinstance(args, argparse.Namespace):
+        given = vars(args)
+    else:
+        given = args
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = given.get(opt.name)
+        source = opt.flag
+        if raw is None:
+            raw = env.get(opt.env)
+            source = opt.env
+        if raw is None:
+            continue
+        try:
+            values[opt.name] = opt.parse(str(raw))
+        except ValueError as exc:
+            raise SettingsError(f"{source}: {exc}") from None
+    try:
+        settings = ServerSettings(**values)
+        settings.engine_config()  # the engine's own checks, reported before start-up
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(str(exc)) from None
+    try:
+        settings.webhook_settings()  # secrets and allow-list, likewise
+    except ValueError as exc:
+        raise SettingsError(f"webhook settings: {exc}") from None
+    return settings
+
+
+def option(name: str) -> Option:
+    """The option called `name` (for messages that cite a flag)."""
+    return _BY_NAME[name]
+
+
+def env_names(options: Sequence[Option] = OPTIONS) -> list[str]:
+    return [o.env for o in options]
