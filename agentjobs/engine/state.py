@@ -211,7 +211,8 @@ def apply(state: State, event: Event) -> State:
         run.result = data.get("result")
         run.metrics = data.get("metrics")
         run.completed_at = event.ts
-        run.progress = attrs.evolve(run.progress, percentage=100.0)
+        old = run.progress
+        run.progress = Progress(100.0, old.step, old.steps_completed, old.steps_total)
         _finish(run)
     elif etype is E.FAILED:
         run.error = data.get("error")
