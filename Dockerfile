@@ -1,5 +1,6 @@
 # agentjobs server image: `docker build -t agentjobs .` then
-#   docker run -d --name agentjobs -p 8005:8005 -v agentjobs-data:/data agentjobs
+#   docker run -d --name agentjobs -p 8005:8005 -v agentjobs-data:/data \
+#     -e AGENTJOBS_API_KEYS=team-a:<a key of 16+ characters> agentjobs
 # See docs/deployment.md (auth, reverse proxy, graceful stop).
 
 # -- build: wheels for the project and its dependencies --------------------------------
@@ -35,6 +36,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 # rest durably, exit 0. Give `docker stop` more than that: `docker stop -t 30`.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["agentjobs"]
-# Binding 0.0.0.0 is what a container needs; once API keys exist (AGENTJOBS_API_KEYS),
-# set them: see docs/deployment.md.
+# Binding 0.0.0.0 is what a container needs; the server then refuses to start without
+# API keys (AGENTJOBS_API_KEYS or AGENTJOBS_API_KEYS_FILE): see docs/security.md.
 CMD ["serve", "--host", "0.0.0.0"]

@@ -1,7 +1,9 @@
 """`agentjobs serve`: run the HTTP server (REST + SSE) on top of the engine.
 
 Every flag also reads an `AGENTJOBS_*` environment variable (the flag wins); the table
-of options lives in `agentjobs.http.settings` and docs/configuration.md.
+of options lives in `agentjobs.http.settings` and docs/configuration.md. Settings that must
+not start (a bad value, or a non-loopback address without API keys) exit with code 2
+before anything is opened.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def register(sub: Any) -> None:
         description="Run the agentjobs HTTP server: REST + SSE, PraisonAI-compatible. "
         "Each option can also be set with the AGENTJOBS_* variable shown; a flag wins "
         "over its variable.",
+        epilog="Listening on a non-loopback --host needs API keys (--api-keys-file or "
+        "AGENTJOBS_API_KEYS) or --insecure-no-auth; see docs/security.md.",
     )
     add_arguments(p)
     p.set_defaults(func=main)

@@ -35,9 +35,12 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(
-        *args: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+        *args: str,
+        data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        pre_args: tuple[str, ...] = (),
     ) -> ServerProcess:
-        proc = ServerProcess(data_dir or tmp_path / "data", *args, env=env)
+        proc = ServerProcess(data_dir or tmp_path / "data", *args, env=env, pre_args=pre_args)
         started.append(proc)
         return proc
 

@@ -73,6 +73,12 @@ class LiveServer:
     def engine(self) -> Engine:
         return self.running.engine
 
+    def client_for(self, key: str, *, header: str = "bearer") -> httpx.AsyncClient:
+        """A new client presenting `key` (`header`: "bearer" or "x-api-key"); close it
+        with `async with`."""
+        headers = {"Authorization": f"Bearer {key}"} if header == "bearer" else {"X-API-Key": key}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30.0)
+
 
 @asynccontextmanager
 async def open_live_server(
@@ -98,7 +104,7 @@ async def open_live_server(
         settings.setdefault("durability", "os")
         settings.setdefault("data_dir", str(data_dir))
     config = ServerSettings(**settings)
-    chosen = dict(runners) if runners is not None else {"echo": EchoRunner()}
+    chosen: dict[str, Runner] = dict(runners) if runners is not None else {"echo": EchoRunner()}
     choice = RunnerChoice(chosen, default_runner or next(iter(chosen)))
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -121,6 +127,7 @@ class ServerProcess:
         *args: str,
         env: Mapping[str, str] | None = None,
         start_timeout: float = 20.0,
+        pre_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.args = args
@@ -135,6 +142,7 @@ class ServerProcess:
             sys.executable,
             "-m",
             "agentjobs",
+            *pre_args,  # options of `agentjobs` itself, e.g. -v
             "serve",
             "--host",
             "127.0.0.1",

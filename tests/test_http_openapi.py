@@ -241,7 +241,7 @@ async def test_submit_schema_agrees_with_the_server(live_server: LiveServer) -> 
             assert r.status_code == 422, (body, r.text)
 
 
-@pytest.mark.parametrize("path", ["api.md", "configuration.md"])
+@pytest.mark.parametrize("path", ["api.md", "configuration.md", "security.md"])
 def test_docs_exist(path: str) -> None:
     assert (ROOT / "docs" / path).stat().st_size > 1000
 
@@ -266,3 +266,61 @@ def test_configuration_docs_cover_every_option() -> None:
     for opt in OPTIONS:
         assert opt.flag in text, opt.flag
         assert opt.env in text, opt.env
+
+
+async def test_auth_and_limit_answers_are_documented(tmp_path: Path) -> None:
+    """401s everywhere a key is needed, the 429s of each limit, and the open endpoints."""
+    spec = _docs_spec()
+    checker = SpecChecker(spec)
+    key = "alice-key-0123456789abcdef"
+    async with open_live_server(
+        tmp_path,
+        api_keys=f"alice:{key}",
+        metrics_key="metrics-key-0123456789abcd",
+        tenant_rate=0.01,
+        tenant_burst=3,
+        tenant_max_streams=1,
+        sse_query_key=True,
+    ) as srv:
+        c = srv.client
+        authed = {"X-API-Key": key}
+
+        async def call(method: str, url: str, **kw: Any) -> httpx.Response:
+            return checker.check(await c.request(method, url, **kw))
+
+        runs = "/api/v1/runs"
+        job = "run_" + "0" * 32
+        for method, path in [
+            ("POST", runs),
+            ("GET", runs),
+            ("GET", f"{runs}/{job}"),
+            ("DELETE", f"{runs}/{job}"),
+            ("GET", f"{runs}/{job}/result"),
+            ("GET", f"{runs}/{job}/stream"),
+            ("GET", f"{runs}/{job}/events"),
+            ("POST", f"{runs}/{job}/cancel"),
+            ("GET", f"{runs}/{job}/webhooks"),
+            ("POST", f"{runs}/{job}/webhooks/redeliver"),
+            ("GET", "/stats"),
+            ("GET", "/metrics"),
+        ]:
+            assert (await call(method, path)).status_code == 401
+        await call("GET", "/health")
+        await call("GET", "/openapi.json")
+        slow = (
+            await call(
+                "POST", runs, json={"prompt": "s", "config": {"delay_s": 30}}, headers=authed
+            )
+        ).json()["job_id"]
+        async with c.stream("GET", f"{runs}/{slow}/stream", params={"api_key": key}) as first:
+            assert first.status_code == 200
+            assert (await call("GET", f"{runs}/{slow}/stream", headers=authed)).status_code == 429
+        statuses = []
+        for i in range(4):
+            statuses.append(
+                (await call("POST", runs, json={"prompt": f"{i}"}, headers=authed)).status_code
+            )
+        assert 429 in statuses
+        await c.post(f"{runs}/{slow}/cancel", headers=authed)
+    seen = {(op, status) for op, _, status in checker.seen}
+    assert {("streamRun", "429"), ("submitRun", "429"), ("metrics", "401")} <= seen

@@ -28,13 +28,15 @@ def _result(base: str, job: str, wait: float = 10) -> dict[str, object]:
 
 def test_start_up_prints_one_fact_per_line(server_process: Start, tmp_path: Path) -> None:
     proc = server_process("--durability", "os", "--max-concurrency", "3")
-    head = proc.lines[:6]
+    head = proc.lines[:8]
     assert head[0].startswith("agentjobs ") and f"listening on {proc.url}" in head[0]
     assert head[1] == f"data dir: {(tmp_path / 'data').resolve()} (0 events replayed)"
     assert head[2].startswith("durability: os ")
     assert head[3] == "default runner: echo (configured: echo)"
     assert head[4] == "webhooks: unsigned (no --webhook-secret); 0 pending deliveries resumed"
-    assert head[5] == "runs recovered: 0 requeued, 0 failed, 0 cancelled; 0 still queued"
+    assert head[5] == "auth: off (no API keys; loopback only); CORS: off"
+    assert head[6] == "limits per tenant: none"
+    assert head[7] == "runs recovered: 0 requeued, 0 failed, 0 cancelled; 0 still queued"
     health = httpx.get(proc.url + "/health").json()
     assert health["executor_stats"]["max_concurrent"] == 3
     assert proc.terminate() == 0
@@ -239,9 +241,13 @@ def test_agentjobs_console_script_serves(tmp_path: Path) -> None:
 
 
 def test_flag_beats_env_beats_default() -> None:
-    s = resolve({"port": "9000"}, {"AGENTJOBS_PORT": "9100", "AGENTJOBS_HOST": "0.0.0.0"})
+    s = resolve(
+        {"port": "9000"},
+        {"AGENTJOBS_PORT": "9100", "AGENTJOBS_HOST": "0.0.0.0", "AGENTJOBS_INSECURE_NO_AUTH": "1"},
+    )
     assert s.port == 9000
     assert s.host == "0.0.0.0"
+    assert s.insecure_no_auth is True
     assert s.max_concurrency == ServerSettings().max_concurrency
     assert resolve({}, {"AGENTJOBS_ACCESS_LOG": "yes"}).access_log is True
     assert (
@@ -253,7 +259,7 @@ def test_flag_beats_env_beats_default() -> None:
 
 
 def test_every_option_has_a_flag_a_variable_and_a_setting() -> None:
-    fields = {f for f in ServerSettings.__attrs_attrs__}  # type: ignore[attr-defined]
+    fields = {f for f in ServerSettings.__attrs_attrs__}
     names = {f.name for f in fields}
     assert {o.name for o in OPTIONS} == names
     for o in OPTIONS:

@@ -78,5 +78,9 @@ async def test_delivery_history_and_redelivery(tmp_path: Path) -> None:
             # a cancel is a terminal state too: it is delivered (PraisonAI sent none)
             third = (await trio.to_thread.run_sync(hooks.wait_for, 3))[2]
             assert verify(third["body"], third["headers"], secret)["status"] == "cancelled"
-            metrics = (await c.get("/metrics")).text
-            assert "agentjobs_webhook_delivered_total 3" in metrics
+            # the receiver has the body before the outbox has recorded its answer
+
+            async def counted() -> bool:
+                return "agentjobs_webhook_delivered_total 3" in (await c.get("/metrics")).text
+
+            await wait_until(counted, 5)

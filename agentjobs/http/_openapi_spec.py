@@ -9,7 +9,7 @@ SPEC_JSON = r"""
     "title": "agentjobs",
     "version": "0.1.0",
     "summary": "A durable job server for long-running AI-agent tasks (REST + SSE).",
-    "description": "Compatible with PraisonAI's async jobs API (same paths, field names, status codes\nand SSE event names), plus resumable streams, idempotency checked against the body,\ncursor pagination and problem+json errors. See docs/api.md for examples and the\nmeaning of every problem type.\n",
+    "description": "Compatible with PraisonAI's async jobs API (same paths, field names, status codes\nand SSE event names), plus resumable streams, idempotency checked against the body,\ncursor pagination and problem+json errors. See docs/api.md for examples and the\nmeaning of every problem type.\n\nAuthentication: when the server has API keys (docs/security.md), every endpoint but\n`/health` and `/openapi.json` needs one, as `Authorization: Bearer <key>` or\n`X-API-Key: <key>` (401 otherwise); each key belongs to a tenant, which sees only its\nown runs (another tenant's run is 404). Without keys the server is open (loopback).\n",
     "license": {
       "name": "MIT"
     }
@@ -27,6 +27,15 @@ SPEC_JSON = r"""
     {
       "name": "service"
     }
+  ],
+  "security": [
+    {
+      "bearer": []
+    },
+    {
+      "apiKeyHeader": []
+    },
+    {}
   ],
   "paths": {
     "/api/v1/runs": {
@@ -89,6 +98,9 @@ SPEC_JSON = r"""
           "400": {
             "$ref": "#/components/responses/Problem"
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "413": {
             "$ref": "#/components/responses/Problem"
           },
@@ -97,6 +109,9 @@ SPEC_JSON = r"""
           },
           "422": {
             "$ref": "#/components/responses/Problem"
+          },
+          "429": {
+            "$ref": "#/components/responses/RateLimited"
           },
           "503": {
             "$ref": "#/components/responses/RetryableProblem"
@@ -176,6 +191,9 @@ SPEC_JSON = r"""
           "400": {
             "$ref": "#/components/responses/Problem"
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "422": {
             "$ref": "#/components/responses/Problem"
           }
@@ -205,6 +223,9 @@ SPEC_JSON = r"""
               }
             }
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "404": {
             "$ref": "#/components/responses/Problem"
           }
@@ -220,6 +241,9 @@ SPEC_JSON = r"""
         "responses": {
           "204": {
             "description": "Deleted."
+          },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
           },
           "404": {
             "$ref": "#/components/responses/Problem"
@@ -270,6 +294,9 @@ SPEC_JSON = r"""
           "400": {
             "$ref": "#/components/responses/Problem"
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "404": {
             "$ref": "#/components/responses/Problem"
           },
@@ -291,6 +318,18 @@ SPEC_JSON = r"""
         ],
         "operationId": "streamRun",
         "summary": "The run's events as server-sent events",
+        "security": [
+          {
+            "bearer": []
+          },
+          {
+            "apiKeyHeader": []
+          },
+          {
+            "apiKeyQuery": []
+          },
+          {}
+        ],
         "description": "Replays what already happened, follows live, ends after the terminal event.\nEvent names: `status`, `progress`, `output`, `result`, `error`, `cancelled`,\n`heartbeat`, `shutdown`. Every event has an `id:`; `Last-Event-ID` (or `after`)\nresumes after that id with nothing lost or repeated. Each `data:` is one line of\nJSON (see the `StreamEvent` schema for the payloads).\n",
         "parameters": [
           {
@@ -326,8 +365,14 @@ SPEC_JSON = r"""
           "400": {
             "$ref": "#/components/responses/Problem"
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "404": {
             "$ref": "#/components/responses/Problem"
+          },
+          "429": {
+            "$ref": "#/components/responses/RateLimited"
           },
           "503": {
             "$ref": "#/components/responses/RetryableProblem"
@@ -381,6 +426,9 @@ SPEC_JSON = r"""
           "400": {
             "$ref": "#/components/responses/Problem"
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "404": {
             "$ref": "#/components/responses/Problem"
           },
@@ -424,6 +472,9 @@ SPEC_JSON = r"""
               }
             }
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "404": {
             "$ref": "#/components/responses/Problem"
           },
@@ -460,6 +511,9 @@ SPEC_JSON = r"""
               }
             }
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "404": {
             "$ref": "#/components/responses/Problem"
           }
@@ -490,6 +544,9 @@ SPEC_JSON = r"""
               }
             }
           },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
           "404": {
             "$ref": "#/components/responses/Problem"
           },
@@ -512,6 +569,16 @@ SPEC_JSON = r"""
         ],
         "operationId": "health",
         "summary": "Liveness and basic figures",
+        "description": "Always open. With API keys or a metrics key configured, the server-wide figures\n(`queued`, `runs`, `by_status`, ...) are only included for a caller presenting a key\nthat may read `/metrics`; others get the liveness fields.\n",
+        "security": [
+          {},
+          {
+            "bearer": []
+          },
+          {
+            "apiKeyHeader": []
+          }
+        ],
         "responses": {
           "200": {
             "description": "Serving.",
@@ -543,6 +610,7 @@ SPEC_JSON = r"""
         ],
         "operationId": "stats",
         "summary": "Engine figures as JSON",
+        "description": "Protected like `/metrics`.",
         "responses": {
           "200": {
             "description": "Figures.",
@@ -553,6 +621,9 @@ SPEC_JSON = r"""
                 }
               }
             }
+          },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
           }
         }
       }
@@ -564,6 +635,19 @@ SPEC_JSON = r"""
         ],
         "operationId": "metrics",
         "summary": "Prometheus metrics (text format 0.0.4)",
+        "description": "With a metrics key configured (`--metrics-key`), only that key opens it; else, with\nAPI keys configured, any API key does; else it is open. No tenant labels.\n",
+        "security": [
+          {
+            "metricsKey": []
+          },
+          {
+            "bearer": []
+          },
+          {
+            "apiKeyHeader": []
+          },
+          {}
+        ],
         "responses": {
           "200": {
             "description": "Metrics.",
@@ -574,6 +658,9 @@ SPEC_JSON = r"""
                 }
               }
             }
+          },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
           }
         }
       }
@@ -585,6 +672,9 @@ SPEC_JSON = r"""
         ],
         "operationId": "openapi",
         "summary": "This document, as JSON",
+        "security": [
+          {}
+        ],
         "responses": {
           "200": {
             "description": "The OpenAPI document.",
@@ -622,7 +712,64 @@ SPEC_JSON = r"""
         }
       }
     },
+    "securitySchemes": {
+      "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <key>`; when present it alone decides."
+      },
+      "apiKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key"
+      },
+      "apiKeyQuery": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "api_key",
+        "description": "Only on the stream endpoint and only when the server runs with `--sse-query-key`,\nfor browser `EventSource`, which cannot send headers (URLs are logged by proxies).\n"
+      },
+      "metricsKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The `--metrics-key`, as `Authorization: Bearer` or `X-API-Key`."
+      }
+    },
     "responses": {
+      "Unauthorized": {
+        "description": "No API key, or not a valid one (problem type `unauthorized`).",
+        "headers": {
+          "WWW-Authenticate": {
+            "schema": {
+              "type": "string"
+            }
+          }
+        },
+        "content": {
+          "application/problem+json": {
+            "schema": {
+              "$ref": "#/components/schemas/Problem"
+            }
+          }
+        }
+      },
+      "RateLimited": {
+        "description": "A per-tenant limit (problem type `rate-limited`; its `limit` says which);\n`Retry-After` says when to try again. Nothing was recorded.\n",
+        "headers": {
+          "Retry-After": {
+            "schema": {
+              "type": "string"
+            }
+          }
+        },
+        "content": {
+          "application/problem+json": {
+            "schema": {
+              "$ref": "#/components/schemas/Problem"
+            }
+          }
+        }
+      },
       "Problem": {
         "description": "An RFC 9457 problem (see docs/api.md for every type).",
         "content": {
@@ -1444,6 +1591,15 @@ SPEC_JSON = r"""
           },
           "job_status": {
             "$ref": "#/components/schemas/Status"
+          },
+          "limit": {
+            "type": "string",
+            "description": "For `rate-limited`, the limit that refused the request.",
+            "enum": [
+              "submit-rate",
+              "tenant-queue",
+              "tenant-streams"
+            ]
           }
         }
       }

@@ -4,20 +4,28 @@ Handlers are thin on purpose: parse and validate (schemas.py), call one engine m
 render (views.py). Engine errors become problem documents in one place (errors.py), so a
 handler never builds an error body itself.
 
-Tenancy: every engine call passes `tenant=current_tenant()`. Today that is always None
-(one tenant); API keys will map to tenants by changing that one function.
+Tenancy: every engine call passes `tenant=current_tenant()`, which the authentication hook
+sets before any handler runs (auth.py): the key's tenant, or None when no keys are
+configured. The engine answers `NotFound` for another tenant's run, so isolation does not
+depend on each handler. `current_tenant()` raises when the hook did not run, so a route
+that somehow escaped it fails closed (500) instead of acting as the anonymous tenant.
+
+Layers, outside in: `CorsHeaders` (when CORS is on) -> `RequestGuard` (body limit, clean
+connection reuse) -> `CorsPreflight` (preflights answered before auth) -> quart, whose
+`before_request` hook authenticates. Per-tenant limits (quotas.py) are checked in the
+handlers, before the engine writes anything.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import orjson
 import trio
-from quart import Quart, Response, request
+from quart import Quart, Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -26,9 +34,12 @@ from ..engine import Engine, EngineError, InvalidRequest, NotFinished, Status
 from ..engine.outbox import Outbox, delivery_history
 from ..engine.ssrf import UnsafeWebhookURL
 from . import prometheus
+from .auth import Credential, KeyRing, presented_key
+from .cors import CorsHeaders, CorsPolicy, CorsPreflight
 from .errors import FieldError, Problem, from_engine_error, problem_response, validation
 from .limits import RequestGuard
 from .openapi import spec_bytes
+from .quotas import ActiveRuns, LimitExceeded, StreamSlots, SubmitRate
 from .schemas import IDEMPOTENCY_HEADER, int_param, parse_list_query, parse_submit, parse_wait
 from .settings import ServerSettings
 from .sse import EventStreamBody, FrameBuilder, StreamHub, parse_resume
@@ -45,20 +56,42 @@ _EXTENSION_KEY = "agentjobs"
 MAX_EVENTS_PAGE = 1000
 
 
+_TENANT = "agentjobs_tenant"
+# Endpoints that never need an API key, and those that show server-wide figures.
+_OPEN_ENDPOINTS = frozenset({"health", "openapi"})
+_FIGURES_ENDPOINTS = frozenset({"metrics", "stats"})
+REJECTION_REASONS = ("unauthorized", "submit-rate", "tenant-queue", "tenant-streams")
+
+
 def current_tenant() -> str | None:
-    """The tenant the current request acts for. One tenant (None) until API keys exist."""
-    return None
+    """The tenant the current request acts for (None when auth is off).
+
+    Raises RuntimeError when the authentication hook did not run for this request: better
+    a 500 than a request served as the anonymous tenant by mistake.
+    """
+    try:
+        tenant: str | None = getattr(g, _TENANT)
+    except AttributeError:
+        raise RuntimeError("no tenant was established for this request") from None
+    return tenant
 
 
 @attrs.define(slots=True, eq=False)
 class AppState:
-    """What the handlers share: the engine, the settings, and the stream bookkeeping."""
+    """What the handlers share: the engine, the settings, the stream bookkeeping, and the
+    auth and limit state (keys, per-tenant counters, refusals by reason for /metrics)."""
 
     engine: Engine
     settings: ServerSettings
     hub: StreamHub
     urls: Urls
     outbox: Outbox | None = None
+    keyring: KeyRing = attrs.Factory(KeyRing)
+    cors: CorsPolicy | None = None
+    submit_rate: SubmitRate | None = None
+    active_runs: ActiveRuns | None = None
+    stream_slots: StreamSlots | None = None
+    rejected: dict[str, int] = attrs.Factory(lambda: dict.fromkeys(REJECTION_REASONS, 0))
     started: float = attrs.Factory(time.time)
 
 
@@ -85,23 +118,133 @@ def create_app(
     are only checked for shape and are delivered by whatever outbox the embedder runs.
     """
     settings = settings or ServerSettings()
+    keyring = settings.keyring()
+    cors = settings.cors_policy()
     app = QuartTrio("agentjobs")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     # Long-polls wait up to max_wait; streams switch the timeout off for themselves.
     app.config["RESPONSE_TIMEOUT"] = max(60.0, settings.max_wait + settings.cancel_wait + 30.0)
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
-    guard = RequestGuard(cast(Any, app.asgi_app), settings.max_body_bytes)
-    app.asgi_app = guard  # type: ignore[method-assign, assignment]
-    state = AppState(engine, settings, StreamHub(), Urls(settings.public_url or ""), outbox)
+    asgi: Any = app.asgi_app
+    if cors is not None:
+        asgi = CorsPreflight(asgi, cors)
+    asgi = RequestGuard(asgi, settings.max_body_bytes)
+    if cors is not None:
+        asgi = CorsHeaders(asgi, cors)
+    app.asgi_app = asgi  # type: ignore[method-assign]
+    state = AppState(
+        engine,
+        settings,
+        StreamHub(),
+        Urls(settings.public_url or ""),
+        outbox,
+        keyring=keyring,
+        cors=cors,
+        submit_rate=(
+            SubmitRate(settings.tenant_rate, settings.submit_burst)
+            if settings.tenant_rate is not None
+            else None
+        ),
+        active_runs=(
+            ActiveRuns(engine, settings.tenant_max_queued)
+            if settings.tenant_max_queued is not None
+            else None
+        ),
+        stream_slots=(
+            StreamSlots(settings.tenant_max_streams)
+            if settings.tenant_max_streams is not None
+            else None
+        ),
+    )
     app.extensions[_EXTENSION_KEY] = state
     hub = state.hub
     urls = state.urls
+    rejected = state.rejected
 
     def now() -> float:
         return engine.wall()
 
+    # -- authentication -------------------------------------------------------------------
+
+    def unauthorized(detail: str, presented: bool) -> Problem:
+        rejected["unauthorized"] += 1
+        log.debug("401 for %s %s: %s", request.method, request.path, detail)
+        challenge = 'Bearer realm="agentjobs"'
+        if presented:
+            challenge += ', error="invalid_token"'
+        return Problem("unauthorized", detail, headers={"WWW-Authenticate": challenge})
+
+    def request_key(query_key: str | None = None) -> Credential:
+        headers = request.headers
+        return presented_key(headers.get("Authorization"), headers.get("X-API-Key"), query_key)
+
+    def may_see_figures() -> bool:
+        """Server-wide figures (/metrics, /stats, /health's details): the metrics key when
+        there is one, else any API key, else everyone (auth off)."""
+        cred = request_key()
+        if cred.key is None:
+            return not keyring.enabled and keyring.metrics_digest is None
+        if keyring.metrics_digest is not None:
+            return keyring.is_metrics_key(cred.key)
+        return not keyring.enabled or keyring.tenant_for(cred.key) is not None
+
+    @app.before_request
+    async def authenticate() -> None:
+        """Runs before every handler (and before routing errors): establishes the tenant,
+        or answers 401. Preflights never get here when CORS is on (cors.py)."""
+        endpoint = request.endpoint
+        if endpoint in _OPEN_ENDPOINTS:
+            return  # /health, /openapi.json: no tenant
+        if request.method == "OPTIONS" and request.url_rule is not None:
+            return  # quart's automatic answer (Allow: ...) for a route that exists
+        if endpoint in _FIGURES_ENDPOINTS:
+            if keyring.metrics_digest is None and not keyring.enabled:
+                return
+            if not may_see_figures():
+                cred = request_key()
+                what = "the metrics key" if keyring.metrics_digest is not None else "an API key"
+                raise unauthorized(
+                    f"{request.path} needs {what} (Authorization: Bearer <key> or X-API-Key)",
+                    presented=cred.key is not None,
+                )
+            return
+        if not keyring.enabled:
+            setattr(g, _TENANT, None)
+            return
+        query_key = request.args.get("api_key")
+        allow_query = settings.sse_query_key and endpoint == "stream"
+        cred = request_key(query_key if allow_query else None)
+        if cred.problem is not None:
+            raise unauthorized(cred.problem, presented=True)
+        if cred.key is None:
+            if query_key is not None:
+                raise unauthorized(
+                    "?api_key= is accepted only on GET .../stream, and only when the server "
+                    "runs with --sse-query-key; send Authorization: Bearer <key> or X-API-Key",
+                    presented=False,
+                )
+            raise unauthorized(
+                "an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>",
+                presented=False,
+            )
+        tenant = keyring.tenant_for(cred.key)
+        if tenant is None:
+            raise unauthorized("the API key is not valid", presented=True)
+        setattr(g, _TENANT, tenant)
+
     # -- errors ---------------------------------------------------------------------------
+
+    @app.errorhandler(LimitExceeded)
+    async def on_limit(exc: LimitExceeded) -> Response:
+        rejected[exc.limit] += 1
+        problem = Problem(
+            "rate-limited",
+            exc.detail,
+            headers={"Retry-After": str(exc.retry_after)},
+            extra={"limit": exc.limit},
+        )
+        return problem_response(problem, request.path)
 
     @app.errorhandler(Problem)
     async def on_problem(exc: Problem) -> Response:
@@ -147,7 +290,20 @@ def create_app(
 
     # -- runs -----------------------------------------------------------------------------
 
+    def is_replay(tenant: str | None, key: str | None) -> bool:
+        """Would this submit be answered with an earlier run (no new work)?"""
+        if key is None:
+            return False
+        found = engine.state.find_idempotent(
+            tenant, key, now=engine.wall(), window=engine.config.idempotency_window_s
+        )
+        return found is not None
+
     async def submit() -> Response:
+        tenant = current_tenant()
+        if state.submit_rate is not None:
+            # First, before the body is even read: the cheapest refusal protects the rest.
+            state.submit_rate.take(tenant)
         if not _is_json(request.mimetype):
             got = request.content_type or "none"
             raise Problem(
@@ -176,10 +332,15 @@ def create_app(
             webhook_url=body.webhook_url,
             idempotency_key=parsed.idempotency_key,
             request_hash=parsed.request_hash,
-            tenant=current_tenant(),
+            tenant=tenant,
             ttl=body.ttl,
         )
-        run, replayed = await engine.submit_spec(spec)
+        active = state.active_runs
+        if active is not None and not is_replay(tenant, parsed.idempotency_key):
+            with active.reserve(tenant):  # 429 here: nothing was written
+                run, replayed = await engine.submit_spec(spec)
+        else:
+            run, replayed = await engine.submit_spec(spec)
         headers = {"Location": urls.run(run.id), "Retry-After": "2"}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -257,14 +418,23 @@ def create_app(
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if request.method == "HEAD":  # quart would iterate the body until the run ends
             return Response(b"", status=200, content_type=_SSE, headers=headers)
-        body = EventStreamBody(
-            job_id=run_id,
-            events=engine.subscribe(run_id, 0, tenant=tenant),
-            resume=resume,
-            hub=hub,
-            nursery=app.nursery,
-            heartbeat_s=settings.sse_heartbeat,
-        )
+        slot = state.stream_slots.acquire(tenant) if state.stream_slots is not None else None
+        try:
+            body = EventStreamBody(
+                job_id=run_id,
+                events=engine.subscribe(run_id, 0, tenant=tenant),
+                resume=resume,
+                hub=hub,
+                nursery=app.nursery,
+                heartbeat_s=settings.sse_heartbeat,
+                on_close=slot.release if slot is not None else None,
+            )
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+        if slot is not None:
+            slot.bind(body)  # given back even if the body is never started
         response = Response(body, status=200, content_type=_SSE, headers=headers)
         response.timeout = None
         return response
@@ -333,9 +503,11 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
+        """Open to all; the server-wide figures only for callers who may see /metrics
+        (with auth on, an anonymous caller learns liveness, not how busy other tenants are)."""
         stats = engine.stats()
         shutting_down = hub.shutting_down.is_set()
-        body = {
+        body: dict[str, Any] = {
             "status": "shutting_down" if shutting_down else "healthy",
             "store": "memory" if settings.durability == "memory" else "journal",
             "executor_stats": {
@@ -346,16 +518,21 @@ def create_app(
             },
             "version": __version__,
             "uptime_seconds": round(time.time() - state.started, 3),
-            "durability": stats["durability"],
-            "queued": stats["queued"],
-            "running": stats["running"],
-            "runs": stats["runs"],
-            "by_status": stats["by_status"],
-            "default_runner": engine.default_runner,
-            "runners": sorted(engine.runners),
-            "open_streams": hub.open_streams,
-            "webhooks_pending": outbox.pending_count() if outbox is not None else None,
         }
+        if may_see_figures():
+            body.update(
+                {
+                    "durability": stats["durability"],
+                    "queued": stats["queued"],
+                    "running": stats["running"],
+                    "runs": stats["runs"],
+                    "by_status": stats["by_status"],
+                    "default_runner": engine.default_runner,
+                    "runners": sorted(engine.runners),
+                    "open_streams": hub.open_streams,
+                    "webhooks_pending": outbox.pending_count() if outbox is not None else None,
+                }
+            )
         return _json(body, 503 if shutting_down else 200)
 
     @app.get("/stats")
@@ -371,6 +548,7 @@ def create_app(
                 "open_streams": hub.open_streams,
                 "streams_total": hub.streams_total,
                 "recovered": engine.recovered,
+                "rejected": dict(rejected),
             }
         )
         return _json(body)
@@ -378,7 +556,9 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(
-            prometheus.render(engine, hub, outbox), status=200, content_type=prometheus.CONTENT_TYPE
+            prometheus.render(engine, hub, outbox, rejected),
+            status=200,
+            content_type=prometheus.CONTENT_TYPE,
         )
 
     @app.get("/openapi.json")

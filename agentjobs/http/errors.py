@@ -62,6 +62,8 @@ PROBLEMS: dict[str, ProblemType] = {
         ProblemType("bad-request", "Bad request", 400),
         ProblemType("malformed-json", "The request body is not valid JSON", 400),
         ProblemType("invalid-parameter", "A query parameter or header is invalid", 400),
+        ProblemType("unauthorized", "A valid API key is required", 401),
+        ProblemType("cors-rejected", "Cross-origin request not allowed", 403),
         ProblemType("not-found", "No such run", 404),
         ProblemType("route-not-found", "No such endpoint", 404),
         ProblemType("method-not-allowed", "Method not allowed on this endpoint", 405),

@@ -7,6 +7,8 @@ a server that is also shipped as a single binary.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ..engine import Engine, Status
 from ..engine.metrics import Histogram
 from ..engine.outbox import Outbox
@@ -32,7 +34,14 @@ def _single(out: list[str], name: str, kind: str, help_text: str, value: float) 
     out.append(f"{name} {value:g}")
 
 
-def render(engine: Engine, hub: StreamHub, outbox: Outbox | None = None) -> str:
+def render(
+    engine: Engine,
+    hub: StreamHub,
+    outbox: Outbox | None = None,
+    rejected: Mapping[str, int] | None = None,
+) -> str:
+    """The exposition text. Deliberately without tenant labels: a tenant allowed to read
+    /metrics must not learn other tenants' names or volumes from it."""
     m = engine.metrics
     stats = engine.stats()
     out: list[str] = []
@@ -108,4 +117,11 @@ def render(engine: Engine, hub: StreamHub, outbox: Outbox | None = None) -> str:
             ("gave_up", s.gave_up_total, "Webhook deliveries given up since start."),
         ):
             _single(out, f"agentjobs_webhook_{name}_total", "counter", help_text, value)
+    if rejected is not None:
+        out.append(
+            "# HELP agentjobs_http_rejected_total Requests refused by auth or a per-tenant limit."
+        )
+        out.append("# TYPE agentjobs_http_rejected_total counter")
+        for reason, count in rejected.items():
+            out.append(f'agentjobs_http_rejected_total{{reason="{reason}"}} {count}')
     return "\n".join(out) + "\n"

@@ -16,7 +16,6 @@ incomplete chunked read after its graceful timeout).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import sys
@@ -35,7 +34,8 @@ from ..engine.journal import JournalError
 from ..engine.outbox import Outbox
 from ..engine.runners import Runner
 from .app import create_app, state_of
-from .settings import ServerSettings
+from .auth import KeyRing
+from .settings import ServerSettings, is_loopback
 
 __all__ = ["RunningServer", "build_runners", "run", "serve"]
 
@@ -107,7 +107,9 @@ def _hypercorn_config(settings: ServerSettings) -> HyperConfig:
     return config
 
 
-def _facts(settings: ServerSettings, engine: Engine, urls: list[str], outbox: Outbox) -> list[str]:
+def _facts(
+    settings: ServerSettings, engine: Engine, urls: list[str], outbox: Outbox, keyring: KeyRing
+) -> list[str]:
     """The start-up lines: one fact each, in the order an operator checks them."""
     rec = engine.recovered
     replay = engine.replay_report
@@ -131,9 +133,42 @@ def _facts(settings: ServerSettings, engine: Engine, urls: list[str], outbox: Ou
         f"durability: {durability}",
         f"default runner: {engine.default_runner} (configured: {runners})",
         f"webhooks: {signing}; {outbox.pending_count()} pending deliveries resumed",
+        _auth_fact(settings, keyring),
+        _limits_fact(settings),
         f"runs recovered: {rec.get('requeued', 0)} requeued, {rec.get('failed', 0)} failed, "
         f"{rec.get('cancelled', 0)} cancelled; {rec.get('queued', 0)} still queued",
     ]
+
+
+def _auth_fact(settings: ServerSettings, keyring: KeyRing) -> str:
+    """One line: who may call, how /metrics is protected, CORS."""
+    if keyring.enabled:
+        tenants = keyring.tenants
+        auth = (
+            f"auth: API keys ({len(keyring.entries)} for {len(tenants)} tenant"
+            f"{'s' if len(tenants) != 1 else ''})"
+        )
+    elif is_loopback(settings.host):
+        auth = "auth: off (no API keys; loopback only)"
+    else:
+        auth = "auth: OFF on a non-loopback address (--insecure-no-auth)"
+    if keyring.metrics_digest is not None:
+        auth += "; /metrics: its own key"
+    if settings.sse_query_key:
+        auth += "; ?api_key= accepted on streams"
+    cors = settings.cors_policy()
+    return auth + f"; CORS: {'off' if cors is None else cors.describe()}"
+
+
+def _limits_fact(settings: ServerSettings) -> str:
+    parts = []
+    if settings.tenant_max_queued is not None:
+        parts.append(f"{settings.tenant_max_queued} queued+running")
+    if settings.tenant_rate is not None:
+        parts.append(f"{settings.tenant_rate:g} submits/s (burst {settings.submit_burst})")
+    if settings.tenant_max_streams is not None:
+        parts.append(f"{settings.tenant_max_streams} streams")
+    return "limits per tenant: " + (", ".join(parts) if parts else "none")
 
 
 async def serve(
@@ -144,7 +179,12 @@ async def serve(
     print_line: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Open the engine, serve HTTP until `stop` is set, then drain (see module docstring)."""
+    """Open the engine, serve HTTP until `stop` is set, then drain (see module docstring).
+
+    Raises `SettingsError` before opening anything for settings that must not start, in
+    particular a non-loopback `host` without API keys or `insecure_no_auth`.
+    """
+    keyring = settings.check()
     stop = stop if stop is not None else trio.Event()
     choice = runners if runners is not None else build_runners(settings)
     async with open_engine(
@@ -178,14 +218,15 @@ async def serve(
                     )
                 )
                 if print_line is not None:
-                    for line in _facts(settings, engine, urls, outbox):
+                    for line in _facts(settings, engine, urls, outbox, keyring):
                         print_line(line)
-                if not _is_loopback(settings.host):
+                if not keyring.enabled and not is_loopback(settings.host):
                     log.warning(
-                        "listening on %s without authentication: anyone who can reach it can "
-                        "submit, read and delete runs; put an authenticating proxy in front",
+                        "listening on %s without authentication (--insecure-no-auth): anyone "
+                        "who can reach it can submit, read and delete runs",
                         settings.host,
                     )
+                _warn_unknown_tenants(settings, keyring)
                 task_status.started(RunningServer(urls, engine, app, stop, outbox))
             background.cancel_scope.cancel()
         if engine.supervisor.running_count:
@@ -197,13 +238,18 @@ async def serve(
     log.info("stopped")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+def _warn_unknown_tenants(settings: ServerSettings, keyring: KeyRing) -> None:
+    """A per-tenant webhook secret for a tenant no API key maps to is never used: say so
+    (a typo there would silently send that tenant's webhooks with the global secret)."""
+    if not keyring.enabled:
+        return
+    known = set(keyring.tenants)
+    unknown = sorted(set(settings.webhook_settings().tenant_secrets) - known)
+    if unknown:
+        log.warning(
+            "webhook secrets are configured for tenant(s) with no API key: %s",
+            ", ".join(unknown),
+        )
 
 
 def _printer(stream: TextIO) -> Callable[[str], None]:

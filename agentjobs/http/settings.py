@@ -12,6 +12,7 @@ default. Values from both sources go through the same parser, so `--port x` and
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +25,18 @@ import attrs
 from ..engine import EngineConfig
 from ..engine.outbox import WebhookSettings, parse_tenant_secrets
 from ..engine.ssrf import WebhookPolicy
+from .auth import KeyRing, parse_api_keys
+from .cors import CorsPolicy
 
-__all__ = ["OPTIONS", "Option", "ServerSettings", "SettingsError", "add_arguments", "resolve"]
+__all__ = [
+    "OPTIONS",
+    "Option",
+    "ServerSettings",
+    "SettingsError",
+    "add_arguments",
+    "is_loopback",
+    "resolve",
+]
 
 Durability = Literal["fsync", "os", "memory"]
 DURABILITIES: tuple[Durability, ...] = ("fsync", "os", "memory")
@@ -115,6 +126,18 @@ def _public_url(text: str) -> str | None:
     if parts.query or parts.fragment:
         raise ValueError(f"must not have a query or fragment, got {text!r}")
     return text.rstrip("/")
+
+
+def _optional_rate(text: str) -> float | None:
+    if text.strip().lower() in ("", "none", "off", "0"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number per second, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a finite number per second > 0 (0: off), got {text!r}")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -366,6 +389,94 @@ OPTIONS: tuple[Option, ...] = (
         "LIST",
     ),
     Option(
+        "api_keys",
+        "--api-keys",
+        _optional_str,
+        None,
+        "API keys, comma-separated tenant:key pairs (a tenant may have several keys); "
+        "prefer the variable or --api-keys-file: flags are visible in ps",
+        "LIST",
+    ),
+    Option(
+        "api_keys_file",
+        "--api-keys-file",
+        _optional_str,
+        None,
+        "file of API keys, one tenant:key per line (# comments, blank lines)",
+        "FILE",
+    ),
+    Option(
+        "metrics_key",
+        "--metrics-key",
+        _optional_str,
+        None,
+        "key for GET /metrics and /stats (then only this key opens them; without it, any "
+        "API key does); prefer the variable",
+        "KEY",
+    ),
+    Option(
+        "insecure_no_auth",
+        "--insecure-no-auth",
+        _bool,
+        False,
+        "allow a non-loopback --host without API keys (only behind a proxy that "
+        "authenticates: anyone who reaches the port can use the API)",
+        is_flag=True,
+    ),
+    Option(
+        "sse_query_key",
+        "--sse-query-key",
+        _bool,
+        False,
+        "accept the API key as ?api_key= on GET .../stream, for browser EventSource "
+        "(URLs end up in proxy logs and browser history: see docs/security.md)",
+        is_flag=True,
+    ),
+    Option(
+        "cors_origins",
+        "--cors-origins",
+        _optional_str,
+        None,
+        "origins browsers may call the API from, comma-separated "
+        "(https://app.example.com,https://b.example), or * for any (none: CORS off)",
+        "LIST",
+    ),
+    Option(
+        "tenant_max_queued",
+        "--tenant-max-queued",
+        _optional_int_at_least(1),
+        None,
+        "queued + running runs one tenant may have; more submits get 429 + Retry-After "
+        "(0: no limit)",
+        "N",
+    ),
+    Option(
+        "tenant_rate",
+        "--tenant-rate",
+        _optional_rate,
+        None,
+        "submits per second one tenant may make on average (token bucket; 429 + "
+        "Retry-After beyond; 0: no limit)",
+        "PER_SECOND",
+    ),
+    Option(
+        "tenant_burst",
+        "--tenant-burst",
+        _optional_int_at_least(1),
+        None,
+        "submits one tenant may make at once before --tenant-rate applies (default: one "
+        "second's worth, at least 1)",
+        "N",
+    ),
+    Option(
+        "tenant_max_streams",
+        "--tenant-max-streams",
+        _optional_int_at_least(1),
+        None,
+        "event streams one tenant may have open at once; more get 429 (0: no limit)",
+        "N",
+    ),
+    Option(
         "access_log",
         "--access-log",
         _bool,
@@ -410,6 +521,16 @@ class ServerSettings:
     webhook_secret: str | None = attrs.field(default=None, repr=False)
     webhook_secrets_file: str | None = None
     webhook_allow: str | None = None
+    api_keys: str | None = attrs.field(default=None, repr=False)
+    api_keys_file: str | None = None
+    metrics_key: str | None = attrs.field(default=None, repr=False)
+    insecure_no_auth: bool = False
+    sse_query_key: bool = False
+    cors_origins: str | None = None
+    tenant_max_queued: int | None = None
+    tenant_rate: float | None = None
+    tenant_burst: int | None = None
+    tenant_max_streams: int | None = None
     access_log: bool = False
 
     def engine_config(self) -> EngineConfig:
@@ -447,6 +568,74 @@ class ServerSettings:
             tenant_secrets=tenant_secrets,
             policy=WebhookPolicy.parse(self.webhook_allow),
         )
+
+    def keyring(self) -> KeyRing:
+        """The API keys (`--api-keys`, `--api-keys-file`, both may be given) and the metrics
+        key. Raises ValueError naming the file line or entry, never the key."""
+        keys = []
+        if self.api_keys is not None:
+            keys += parse_api_keys(
+                self.api_keys, source="AGENTJOBS_API_KEYS/--api-keys", lines=False
+            )
+        if self.api_keys_file is not None:
+            try:
+                text = Path(self.api_keys_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ValueError(
+                    f"--api-keys-file: cannot read {self.api_keys_file}: {reason}"
+                ) from None
+            keys += parse_api_keys(text, source=self.api_keys_file, lines=True)
+        return KeyRing.build(keys, self.metrics_key)
+
+    def cors_policy(self) -> CorsPolicy | None:
+        """None when CORS is off (no `--cors-origins`)."""
+        return CorsPolicy.parse(self.cors_origins)
+
+    @property
+    def submit_burst(self) -> int:
+        """`--tenant-burst`, defaulting to one second's worth of `--tenant-rate`."""
+        if self.tenant_burst is not None:
+            return self.tenant_burst
+        return max(1, math.ceil(self.tenant_rate or 1.0))
+
+    def exposure_problem(self, keyring: KeyRing) -> str | None:
+        """Why these settings must not start, if they would serve a non-loopback address
+        to anyone (no API keys and no explicit `--insecure-no-auth`)."""
+        if is_loopback(self.host) or keyring.enabled or self.insecure_no_auth:
+            return None
+        return (
+            f"refusing to listen on {self.host} without API keys: anyone who can reach it "
+            "could submit, read and delete runs. Give keys (AGENTJOBS_API_KEYS or "
+            "--api-keys-file, see docs/security.md), listen on 127.0.0.1, or, only behind a "
+            "proxy that authenticates, pass --insecure-no-auth (AGENTJOBS_INSECURE_NO_AUTH=1)"
+        )
+
+    def check(self) -> KeyRing:
+        """Every check that needs more than one option; returns the key ring. Raises
+        `SettingsError` (used by `resolve`, and by `serve` for settings built directly)."""
+        try:
+            self.engine_config()  # the engine's own checks, reported before start-up
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(str(exc)) from None
+        try:
+            self.webhook_settings()  # secrets and allow-list, likewise
+        except ValueError as exc:
+            raise SettingsError(f"webhook settings: {exc}") from None
+        try:
+            keyring = self.keyring()
+        except ValueError as exc:
+            raise SettingsError(f"API keys: {exc}") from None
+        try:
+            self.cors_policy()
+        except ValueError as exc:
+            raise SettingsError(f"--cors-origins: {exc}") from None
+        if self.tenant_burst is not None and self.tenant_rate is None:
+            raise SettingsError("--tenant-burst: needs --tenant-rate (the refill rate)")
+        problem = self.exposure_problem(keyring)
+        if problem is not None:
+            raise SettingsError(problem)
+        return keyring
 
     @property
     def data_path(self) -> Path | None:
@@ -495,14 +684,21 @@ def resolve(
             raise SettingsError(f"{source}: {exc}") from None
     try:
         settings = ServerSettings(**values)
-        settings.engine_config()  # the engine's own checks, reported before start-up
     except (TypeError, ValueError) as exc:
         raise SettingsError(str(exc)) from None
-    try:
-        settings.webhook_settings()  # secrets and allow-list, likewise
-    except ValueError as exc:
-        raise SettingsError(f"webhook settings: {exc}") from None
+    settings.check()
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    """Is `host` a loopback address (or `localhost`)? Host names other than `localhost`
+    count as not loopback: what they resolve to can change."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def option(name: str) -> Option:

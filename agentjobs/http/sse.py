@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -272,8 +272,10 @@ class EventStreamBody(ResponseBody):
         hub: StreamHub,
         nursery: trio.Nursery,
         heartbeat_s: float,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.job_id = job_id
+        self.on_close = on_close
         self.events = events
         self.resume = resume
         self.hub = hub
@@ -305,6 +307,9 @@ class EventStreamBody(ResponseBody):
         if self._registered:
             self._registered = False
             self.hub.stream_closed()
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close()  # e.g. gives the tenant's stream slot back
 
     def __aiter__(self) -> EventStreamBody:
         return self
