@@ -44,7 +44,7 @@ class _Subscriber:
             return
         if len(self.buffer) >= self.limit:
             self.overflowed = True
-            self.buffer.clear()
+            self.buffer.clear()  # the journal has it all; memory is what we must not spend
         else:
             self.buffer.append(event)
         self.wakeup.set()
@@ -61,6 +61,10 @@ class Bus:
     @property
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())
+
+    def buffered(self) -> int:
+        """Events held in subscriber buffers right now (at most `buffer_limit` each)."""
+        return sum(len(sub.buffer) for subs in self._subs.values() for sub in subs)
 
     def publish(self, events: Sequence[Event]) -> None:
         subs = self._subs

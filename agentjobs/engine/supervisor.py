@@ -5,25 +5,38 @@ order), plus a heap of runs waiting out a retry backoff and a heap of queue expi
 becomes a task (an `Actor`) only when a slot is free, so 100k queued runs cost 100k small
 tuples, not 100k coroutines.
 
-The supervisor never writes a run's state directly: it learns that a run is queued from the
-engine (which sees every committed `submitted` / `retrying` / `requeued` event) and it
-hands a run to exactly one actor, which owns it until its terminal event. Taking a run out of
-the queue (`take_queued`) is the ownership transfer that lets a cancel or an expiry write the
-run's terminal event without racing an actor.
+Ownership is what keeps the journal consistent without locks. A queued run is owned by the
+queue; `_start_ready` hands it to exactly one actor, which owns it until the commit of its
+last event (terminal, `retrying` or `requeued`). That commit is the hand-back: the engine's
+commit hook calls `release` *in the same synchronous step* that folds the event, before any
+other task can see the run queued again, so a run is never owned by two actors, and a slot
+is free exactly when the runner that used it has returned. Taking a run out of the queue
+(`take_queued`) is the ownership transfer that lets a cancel or an expiry write the run's
+terminal event without racing an actor.
+
+Sessions under `session_concurrency`: a session's queued runs wait in a per-session heap
+ordered by submission, and only its first runs (as many as the limit allows, counting those
+running) are *admitted* into the global heap, where they compete by priority. So a
+session's runs start strictly in submission order (a run waiting out a retry backoff keeps
+its place at the head of its session), and a session with 10k waiting runs costs O(log n)
+per start, not a rescan.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
-from collections import Counter, deque
-from collections.abc import Callable, Mapping
+import math
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from .actor import Actor, Cancel, Shutdown
-from .journal import Journal, JournalClosed, JournalWriteError
+from .journal import Journal, JournalClosed, JournalError, JournalWriteError
 from .model import EventType, Run, Status
 from .runners import Runner, SessionTurn
 from .state import State
@@ -36,7 +49,16 @@ __all__ = ["Supervisor"]
 log = logging.getLogger("agentjobs.supervisor")
 E = EventType
 
-Entry = tuple[int, int, str]  # (-priority, seq, run id)
+Entry = tuple[int, int, str]  # (-priority, seq, run id); identity marks the live entry
+
+
+@attrs.define(slots=True, eq=False)
+class _Session:
+    """Bookkeeping of one session under a per-session limit."""
+
+    running: int = 0
+    admitted: set[str] = attrs.Factory(set)  # run ids pushed into the global heap
+    waiting: list[tuple[int, Entry]] = attrs.Factory(list)  # heap by seq; may hold stale
 
 
 class Supervisor:
@@ -59,16 +81,20 @@ class Supervisor:
         self.admitting = True
         self.peak_running = 0
         self.started_total = 0
-        self._ready: list[Entry] = []
-        self._queued: dict[str, Entry] = {}  # live queued runs (ready, delayed or blocked)
+        self._ready: list[Entry] = []  # heap of runs that may start now (may hold stale)
+        self._queued: dict[str, Entry] = {}  # every live queued run -> its current entry
         self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, run id)
         self._expiry: list[tuple[float, str]] = []  # (expires at, run id)
-        self._blocked: dict[str, deque[Entry]] = {}  # session -> entries waiting for a slot
-        self._session_running: Counter[str] = Counter()
+        self._sessions: dict[str, _Session] = {}
+        self._start_times: deque[float] = deque(maxlen=64)  # trio times of recent starts
+        self._hold: dict[str, float] = {}  # run id -> not before (a start that failed)
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
         self._idle.set()
+        # for runners that report from a worker thread (see `Actor._report_output`)
+        self.thread = threading.get_ident()
+        self.token: trio.lowlevel.TrioToken | None = None
 
     # -- queue -----------------------------------------------------------------------------
 
@@ -80,31 +106,103 @@ class Supervisor:
     def running_count(self) -> int:
         return len(self.actors)
 
-    def enqueue(self, run: Run) -> None:
-        """A run is (again) queued. Called for every committed submitted/retrying/requeued."""
+    def _session_of(self, run: Run) -> _Session | None:
+        """The run's session bookkeeping, if a per-session limit applies to it."""
+        sid = run.spec.session_id
+        if sid is None or self.config.session_concurrency is None:
+            return None
+        session = self._sessions.get(sid)
+        if session is None:
+            session = self._sessions[sid] = _Session()
+        return session
+
+    def enqueue(self, run: Run, *, not_before: float | None = None) -> None:
+        """A run is (again) queued. Called for every committed submitted/retrying/requeued,
+        and for the queued runs found at start-up."""
         entry: Entry = (-run.spec.priority, run.seq, run.id)
         self._queued[run.id] = entry
-        if run.not_before is not None and run.not_before > self.wall():
-            heapq.heappush(self._delayed, (run.not_before, run.seq, run.id))
+        if not_before is None:
+            not_before = run.not_before
         else:
+            self._hold[run.id] = not_before
+        delayed = not_before is not None and not_before > self.wall()
+        if delayed:
+            assert not_before is not None
+            heapq.heappush(self._delayed, (not_before, run.seq, run.id))
+        session = self._session_of(run)
+        if session is not None:
+            heapq.heappush(session.waiting, (run.seq, entry))
+            self._admit(run.spec.session_id, session)  # type: ignore[arg-type]
+        elif not delayed:
             heapq.heappush(self._ready, entry)
-        if run.spec.ttl is not None and run.attempt == 0:
+        if run.spec.ttl is not None and run.started_at is None:
             heapq.heappush(self._expiry, (run.created_at + run.spec.ttl, run.id))
         self._wakeup.set()
 
+    def wake(self) -> None:
+        """Look at the queue again (after admission was paused)."""
+        self._wakeup.set()
+
+    def retry_hint(self) -> float:
+        """Seconds until a full queue likely has room: the recent time between starts
+        (each start frees a queue place), at least 1 s and at most 60 s."""
+        times = self._start_times
+        if len(times) < 2:
+            return 1.0
+        interval = (trio.current_time() - times[0]) / len(times)
+        return float(min(60, max(1, math.ceil(interval))))
+
     def take_queued(self, run_id: str) -> bool:
         """Take a queued run out of the queue (for cancel/expiry). False if it is not queued."""
-        return self._queued.pop(run_id, None) is not None
+        if self._queued.pop(run_id, None) is None:
+            return False
+        if self._hold:
+            self._hold.pop(run_id, None)
+        run = self.state.runs.get(run_id)
+        if run is not None and run.spec.session_id is not None:
+            session = self._sessions.get(run.spec.session_id)
+            if session is not None:
+                session.admitted.discard(run_id)
+                self._admit(run.spec.session_id, session)
+        return True
 
     def put_back(self, run: Run) -> None:
         """Undo `take_queued` after the caller failed to record what it meant to."""
         if run.status is Status.QUEUED and run.id not in self._queued:
             self.enqueue(run)
 
+    def _admit(self, sid: str, session: _Session) -> None:
+        """Move the session's next runs, in submission order, into the global heap."""
+        limit = self.config.session_concurrency
+        assert limit is not None
+        waiting = session.waiting
+        queued = self._queued
+        now: float | None = None
+        while waiting and session.running + len(session.admitted) < limit:
+            entry = waiting[0][1]
+            run_id = entry[2]
+            if queued.get(run_id) is not entry:
+                heapq.heappop(waiting)  # cancelled, expired or started under a newer entry
+                continue
+            not_before = self._hold.get(run_id, self.state.runs[run_id].not_before)
+            if not_before is not None:
+                if now is None:
+                    now = self.wall()
+                if not_before > now:
+                    break  # the head waits out its backoff; the rest of the session waits too
+            heapq.heappop(waiting)
+            session.admitted.add(run_id)
+            heapq.heappush(self._ready, entry)
+            self._wakeup.set()
+        if not waiting and not session.admitted and session.running == 0:
+            self._sessions.pop(sid, None)
+
     # -- scheduling ------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The scheduling loop; actors live in its nursery, so none outlives it."""
+        self.thread = threading.get_ident()
+        self.token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -117,44 +215,59 @@ class Supervisor:
     def _tick(self) -> float:
         """Promote due timers, start what fits; return the trio deadline of the next timer."""
         now = self.wall()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, run_id = heapq.heappop(self._delayed)
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            _, _, run_id = heapq.heappop(delayed)
             entry = self._queued.get(run_id)
-            if entry is not None:
+            if entry is None:
+                continue
+            sid = self.state.runs[run_id].spec.session_id
+            if sid is not None and self.config.session_concurrency is not None:
+                session = self._sessions.get(sid)
+                if session is not None:
+                    self._admit(sid, session)
+            else:
                 heapq.heappush(self._ready, entry)
-        while self._expiry and self._expiry[0][0] <= now:
-            _, run_id = heapq.heappop(self._expiry)
-            run = self.state.runs.get(run_id)
-            if run is not None and run.attempt == 0 and self.take_queued(run_id):
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, run_id = heapq.heappop(expiry)
+            expiring = self.state.runs.get(run_id)
+            if (
+                expiring is not None
+                and expiring.status is Status.QUEUED
+                and expiring.started_at is None
+                and self.take_queued(run_id)
+            ):
                 assert self._nursery is not None
-                self._nursery.start_soon(self._expire, run)
+                self._nursery.start_soon(self._expire, expiring)
         if self.admitting:
             self._start_ready()
         next_at = min(
-            self._delayed[0][0] if self._delayed else float("inf"),
-            self._expiry[0][0] if self._expiry else float("inf"),
+            delayed[0][0] if delayed else math.inf,
+            expiry[0][0] if expiry else math.inf,
         )
-        if next_at == float("inf"):
-            return float("inf")
+        if next_at == math.inf:
+            return math.inf
         return trio.current_time() + max(0.0, next_at - now)
 
     def _start_ready(self) -> None:
         limit = self.config.max_concurrency
-        session_limit = self.config.session_concurrency
         ready = self._ready
+        queued = self._queued
+        runs = self.state.runs
         while ready and len(self.actors) < limit:
             entry = heapq.heappop(ready)
             run_id = entry[2]
-            if self._queued.get(run_id) is not entry:
+            if queued.get(run_id) is not entry:
                 continue  # cancelled, expired, or re-queued under a newer entry
-            run = self.state.runs[run_id]
-            session = run.spec.session_id
-            if session_limit is not None and session is not None:
-                if self._session_running[session] >= session_limit:
-                    self._blocked.setdefault(session, deque()).append(entry)
-                    continue
-                self._session_running[session] += 1
-            del self._queued[run_id]
+            del queued[run_id]
+            if self._hold:
+                self._hold.pop(run_id, None)
+            run = runs[run_id]
+            session = self._session_of(run)
+            if session is not None:
+                session.admitted.discard(run_id)
+                session.running += 1
             self._start(run)
 
     def _start(self, run: Run) -> None:
@@ -162,36 +275,59 @@ class Supervisor:
         runner = self.runners.get(name)
         assert self._nursery is not None
         if runner is None:
+            self._release_session(run)
             self._nursery.start_soon(
                 self._fail_queued,
                 run,
                 f"runner {name!r} is not configured on this server",
                 "error",
             )
-            self._release_session(run)
             return
-        actor = Actor(self, run, runner)
+        try:
+            # Appended here rather than by the actor, so the journal orders starts exactly
+            # as the queue decided (actors begin in whatever order trio schedules them).
+            started = self.journal.append(run.id, E.STARTED, {"attempt": run.attempt + 1})
+        except JournalError as exc:
+            log.warning("run %s: could not record start (%s); it stays queued", run.id, exc)
+            self._release_session(run)
+            if not isinstance(exc, JournalClosed):
+                self.enqueue(run, not_before=self.wall() + 1.0)
+            return
+        actor = Actor(self, run, runner, started)
         self.actors[run.id] = actor
         self.started_total += 1
+        self._start_times.append(trio.current_time())
         if len(self.actors) > self.peak_running:
             self.peak_running = len(self.actors)
-        self._idle = trio.Event()
-        self._nursery.start_soon(actor.main, name=f"actor {run.id}")
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._nursery.start_soon(actor.main)
 
     def _release_session(self, run: Run) -> None:
-        session = run.spec.session_id
-        if session is None or self.config.session_concurrency is None:
+        sid = run.spec.session_id
+        if sid is None or self.config.session_concurrency is None:
             return
-        self._session_running[session] -= 1
-        if self._session_running[session] <= 0:
-            del self._session_running[session]
-        blocked = self._blocked.pop(session, None)
-        if blocked:
-            for entry in blocked:
-                heapq.heappush(self._ready, entry)
+        session = self._sessions.get(sid)
+        if session is None:  # pragma: no cover - a start always created it
+            return
+        session.running -= 1
+        self._admit(sid, session)
+
+    def release(self, run_id: str) -> None:
+        """The run's actor has recorded its last event: free its slot (from the commit hook)."""
+        actor = self.actors.pop(run_id, None)
+        if actor is not None:
+            actor.released = True
+            self._released(actor)
 
     def actor_done(self, actor: Actor) -> None:
-        self.actors.pop(actor.run_id, None)
+        """The actor's task is ending; release it if its last commit did not (journal gone)."""
+        if self.actors.get(actor.run_id) is actor:
+            del self.actors[actor.run_id]
+            actor.released = True
+            self._released(actor)
+
+    def _released(self, actor: Actor) -> None:
         self._release_session(actor.run)
         if not self.actors:
             self._idle.set()
@@ -201,8 +337,8 @@ class Supervisor:
         """`started` could not be recorded: the run is still queued; try it again later."""
         self.actor_done(actor)
         run = actor.run
-        self._queued[run.id] = (-run.spec.priority, run.seq, run.id)
-        heapq.heappush(self._delayed, (self.wall() + 1.0, run.seq, run.id))
+        if run.status is Status.QUEUED and run.id not in self._queued:
+            self.enqueue(run, not_before=self.wall() + 1.0)
 
     async def _expire(self, run: Run) -> None:
         await self._fail_queued(
@@ -210,6 +346,7 @@ class Supervisor:
         )
 
     async def _fail_queued(self, run: Run, error: str, kind: str) -> None:
+        """Record the failure of a run taken out of the queue (we own it meanwhile)."""
         try:
             await self.journal.commit(run.id, E.FAILED, {"error": error, "kind": kind})
         except (JournalWriteError, JournalClosed) as exc:
@@ -218,20 +355,17 @@ class Supervisor:
 
     # -- talking to actors -------------------------------------------------------------
 
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Start a helper task (an actor's mailbox listener or flusher) in our nursery."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn)
+
     def send_cancel(self, run_id: str, reason: str) -> Cancel | None:
         """Ask a running run's actor to cancel. None if no actor runs it."""
         actor = self.actors.get(run_id)
         if actor is None:
             return None
-        msg = Cancel(reason)
-        try:
-            actor.mailbox_send.send_nowait(msg)
-        except trio.WouldBlock:
-            # the mailbox is full of earlier requests; one of them will do
-            msg.acked.set()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            msg.acked.set()
-        return msg
+        return actor.post_cancel(reason)
 
     async def stop(self, grace: float) -> None:
         """Stop admitting; give actors `grace` seconds, then requeue the rest and stop."""
@@ -240,11 +374,7 @@ class Supervisor:
             with trio.move_on_after(grace):
                 await self._idle.wait()
         for actor in list(self.actors.values()):
-            try:
-                actor.mailbox_send.send_nowait(Shutdown())
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                if actor._scope is not None:
-                    actor._scope.cancel()
+            actor.post_shutdown(Shutdown())
         if self.actors:
             await self._idle.wait()
         if self._nursery is not None:
