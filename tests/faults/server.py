@@ -1,0 +1,164 @@
+"""The real server as a subprocess, on a data dir that outlives it.
+
+Why a subprocess: only a separate process can be `kill -9`-ed, have its memory measured
+on its own (`/proc/<pid>/status`), and show what an operator sees at start-up (exit code,
+message). `live_server.ServerProcess` does the starting (port 0, start-up lines); this
+module adds the runner configuration the harness needs and a few probes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from live_server import _LISTENING, ServerProcess
+
+__all__ = [
+    "MARKER_SCRIPT",
+    "ServerProcess",
+    "open_files_soft_limit",
+    "proc_status_kib",
+    "recovered_counts",
+    "start_compacting_server",
+    "start_server",
+    "write_runners_toml",
+]
+
+MARKER_SCRIPT = Path(__file__).resolve().parent / "marker_runner.py"
+
+
+def write_runners_toml(path: Path, marker_dir: Path, *, orphan: str = "exit") -> Path:
+    """A runner config with `echo` (the default) and `marker` (tests/faults/marker_runner.py).
+
+    `orphan` is the marker script's behaviour when the server dies under it: "exit" (a
+    well-behaved agent) or "stay" (one that goes on working).
+    """
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-I", "-S", str(MARKER_SCRIPT)]
+    quoted = ", ".join(f'"{a}"' for a in argv)
+    path.write_text(
+        f"""default = "echo"
+
+[runners.echo]
+type = "echo"
+
+[runners.marker]
+type = "command"
+argv = [{quoted}]
+result = "json"
+kill_grace_s = 2
+env = {{ MARKER_DIR = "{marker_dir}", MARKER_ORPHAN = "{orphan}" }}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def start_server(
+    data_dir: Path, *args: str, config: Path | None = None, start_timeout: float = 30.0
+) -> ServerProcess:
+    """`python -m agentjobs serve` on 127.0.0.1:<free port>, returned once it serves."""
+    extra = ("--config", str(config)) if config is not None else ()
+    return ServerProcess(data_dir, *extra, *args, start_timeout=start_timeout)
+
+
+def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process from /proc/<pid>/status, in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return 0
+    return 0
+
+
+def recovered_counts(proc: ServerProcess) -> dict[str, int]:
+    """The "runs recovered: R requeued, F failed, C cancelled; Q still queued" start-up line."""
+    line = proc.wait_for_line(r"^runs recovered: ", 1.0)
+    words = line.replace(";", ",").split(":", 1)[1].split(",")
+    counts: dict[str, int] = {}
+    for word in words:
+        parts = word.split()
+        counts[parts[-1]] = int(parts[0])  # "3 requeued", ..., "2 still queued"
+    return counts
+
+
+def open_files_soft_limit(wanted: int) -> int:
+    """Raise this process' soft RLIMIT_NOFILE towards `wanted` (up to the hard limit);
+    returns the limit now in force. Children (servers) inherit it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft if soft != resource.RLIM_INFINITY else os.sysconf("SC_OPEN_MAX")
+
+
+COMPACTING_SERVER = Path(__file__).resolve().parent / "compacting_server.py"
+
+
+class ScriptServer(ServerProcess):
+    """Like `ServerProcess`, for a server started by another command line (a script that
+    embeds `agentjobs.http.server.serve`); the same start-up lines are awaited."""
+
+    def __init__(
+        self,
+        cmd: list[str],
+        data_dir: Path,
+        start_timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.args = tuple(cmd)
+        self.lines = []
+        self.err_lines = []
+        self._cond = threading.Condition()
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
+        )
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
+            threading.Thread(
+                target=self._read, args=(self.proc.stderr, self.err_lines), daemon=True
+            ),
+        ]
+        for t in self._readers:
+            t.start()
+        try:
+            line = self.wait_for_line(_LISTENING, start_timeout)
+            self.wait_for_line(r"^runs recovered: ", start_timeout)
+        except Exception:
+            self.kill()
+            raise
+        m = _LISTENING.search(line)
+        assert m is not None
+        self.url = m.group(1)
+
+
+def start_compacting_server(
+    data_dir: Path, *args: str, compact_every: float, gc_defaults: bool = False
+) -> ServerProcess:
+    """The real server plus a task compacting its journal every `compact_every` seconds
+    (0: never), tests/faults/compacting_server.py: the server's own schedule is hourly.
+    `gc_defaults` neutralises the engine's GC tuning (see tests/test_load_memory.py)."""
+    cmd = [
+        sys.executable,
+        str(COMPACTING_SERVER),
+        str(compact_every),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        *args,
+    ]
+    return ScriptServer(cmd, data_dir, env={"FAULTS_GC_DEFAULTS": "1"} if gc_defaults else None)
