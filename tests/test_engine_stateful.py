@@ -6,8 +6,11 @@ autojump is *off* between steps, so nothing happens while hypothesis decides the
 one. Each rule is sent across (`Portal.call`), runs with autojump on, and returns only
 once every task in the engine is blocked again (`wait_all_tasks_blocked` with autojump
 off). Journal IO runs inline (`inline_threads`) and fsyncs are recorded rather than done
-(`TrackingHooks`), so a program is deterministic and shrinks well. Invariants are checked
-on the live engine after every step:
+(`TrackingHooks`); trio's scheduler is seeded by hypothesis; durations are uneven so that
+no two timers tie (trio breaks ties by memory address); a crash keeps a number of whole
+unsynced lines (not a byte count, which would depend on how long the numbers in them
+are). So a program replays identically and shrinks well. Invariants are checked on the
+live engine after every step (and some, through a commit hook, at every commit):
 
 * an acknowledged run (submit returned) is never lost, and keeps its spec;
 * a terminal status never changes; an acknowledged cancel holds;
@@ -142,6 +145,9 @@ class Portal:
             nursery.start_soon(self._host)
             while not self.opens:
                 await trio.lowlevel.checkpoint()
+            # hand over only once the engine has settled: a step that arrived while its
+            # start-up tasks still ran would interleave with them differently each time
+            await trio.testing.wait_all_tasks_blocked()
             ready.set()
 
     async def _host(self) -> None:
@@ -172,12 +178,22 @@ class Portal:
                 self.hooks.dead = False
 
     def _cut_journal(self, frac: float) -> None:
-        """Keep everything the last fsync covered, and an arbitrary part of the rest."""
+        """Keep everything the last fsync covered, and an arbitrary part of the rest.
+
+        `frac` picks how many whole unsynced lines survive, and at which byte the next one
+        is torn (0: at its start), rather than one byte offset into the tail, so that its
+        meaning does not shift with the lengths of the lines before the cut.
+        """
         segment = last_segment(self.data_dir / "journal")
-        size = segment.stat().st_size
+        data = segment.read_bytes()
         synced = self.hooks.synced_size(segment)
-        assert synced <= size
-        cut = synced + int(frac * (size - synced))
+        assert synced <= len(data)
+        lines = data[synced:].split(b"\n")[:-1]  # complete unsynced lines
+        position = frac * (len(lines) + 1)
+        keep = min(len(lines), int(position))
+        cut = synced + sum(len(line) + 1 for line in lines[:keep])
+        if keep < len(lines):
+            cut += int((position - keep) * len(lines[keep]))  # tear the next line there
         with open(segment, "r+b") as f:
             f.truncate(cut)
         st_ = segment.stat()

@@ -28,7 +28,6 @@ import logging
 import math
 import random
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -356,7 +355,7 @@ class Actor:
                 report_output=self._report_output,
                 session_history=self.session_history,
             )
-            started = time.monotonic()
+            started = trio.current_time()  # the engine's clock: virtual under a MockClock
             self._live = True
             if self._mail:
                 self._start_listener()
@@ -423,7 +422,7 @@ class Actor:
     ) -> tuple[EventType, dict[str, Any]]:
         own = ctx.metrics
         metrics = dict(own) if own else {}
-        metrics.setdefault("duration_s", round(time.monotonic() - started, 6))
+        metrics.setdefault("duration_s", round(trio.current_time() - started, 6))
         if not isinstance(result, _CANONICAL_TYPES):
             # (the journal records a decoded copy, so live state equals a replay's)
             try:

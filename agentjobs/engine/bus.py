@@ -8,8 +8,10 @@ anything at or below the last seq it yielded, so nothing is repeated at the swit
 
 Each subscriber has a bounded buffer. A subscriber that does not keep up is not allowed to
 grow memory: once its buffer is full it is marked overflowed, stops receiving, and on its
-next read catches up from the journal instead. A slow SSE client therefore costs a fixed
-amount of memory however much its run writes.
+next read catches up from the journal instead. A slow SSE client therefore never holds
+more than its buffer of live events, however long it lags; a catch-up holds the part of
+the run's history it has yet to send (what the journal gives back in one read: paging that
+read needs `Journal.history(run, after, limit)`, which the journal does not offer yet).
 """
 
 from __future__ import annotations
