@@ -190,3 +190,13 @@ async def test_publish_costs_nothing_without_subscribers(autojump_clock: MockClo
         run = await engine.submit("x", config={"do": "output", "n": 10})
         await engine.wait(run.id)
         assert engine.bus.subscriber_count == 0 and engine.bus._subs == {}
+
+
+async def test_events_after_and_limit(autojump_clock: MockClock) -> None:
+    async with scripted_engine() as (engine, _):
+        run = await engine.submit("x", config={"do": "output", "n": 10, "every": 0.1})
+        await engine.wait(run.id)
+        full = await engine.events(run.id)
+        assert await engine.events(run.id, full[3].seq, limit=2) == full[4:6]
+        assert await engine.events(run.id, full[-1].seq) == []
+        assert await engine.events(run.id, limit=1) == full[:1]

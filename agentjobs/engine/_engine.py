@@ -181,6 +181,8 @@ class Engine:
         self.supervisor = Supervisor(
             self.config, self.journal, self.state, self.runners, default_runner, wall_clock
         )
+        if self.config.gc_tuning:
+            self.supervisor.note_bytes = _GCTuning.note_bytes
         self.replay_report: ReplayReport | None = None
         self.recovered: dict[str, int] = {}
         self.accepting = False
@@ -446,6 +448,7 @@ class Engine:
                 retry_after=self.supervisor.retry_hint(),
             )
         run_id = new_run_id()
+        self.supervisor.note_bytes(len(spec.prompt))
         done = trio.Event()
         if pending_key is not None:
             self._pending_keys[pending_key] = done
@@ -543,11 +546,23 @@ class Engine:
         return self.get(run_id, tenant=tenant)
 
     async def events(
-        self, run_id: str, after_seq: int = 0, *, tenant: str | None = None
+        self,
+        run_id: str,
+        after_seq: int = 0,
+        *,
+        tenant: str | None = None,
+        limit: int | None = None,
     ) -> builtins.list[Event]:
-        """The run's committed events after `after_seq`, oldest first."""
+        """The run's committed events after `after_seq`, oldest first (at most `limit`).
+
+        Pass the `after_seq` you need rather than slicing a full history: the events
+        before it are then never materialised (the journal still reads their lines).
+        """
         self._visible(run_id, tenant)
-        return await self._read_history(run_id, after_seq)
+        events = await self._read_history(run_id, after_seq)
+        if limit is not None and len(events) > limit:
+            del events[limit:]
+        return events
 
     async def _read_history(self, run_id: str, after_seq: int) -> builtins.list[Event]:
         if self.config.durability == "memory":
@@ -747,15 +762,31 @@ class _GCTuning:
     whole state; at 10k runs/s that was ~30% of the engine's CPU (`docs/benchmarks.md`).
     A threshold of `THRESHOLD0` lets them die young instead. And after a large replay the
     state is collected once and frozen (`gc.freeze`), so later full collections skip it.
-    Nothing else changes: garbage is still collected, only less often and in smaller steps.
+
+    The threshold counts objects, not bytes. Payloads (output, results, prompts) end up in
+    short-lived reference cycles until a collection (the journal's batch and its tickets
+    point at each other), and a run that writes megabytes of output allocates few objects:
+    with 50,000 it could leave tens of MB waiting per run. So the engine also counts the
+    payload bytes it hands to the journal (`note_bytes`) and runs a young collection
+    (generations 0 and 1, a few ms) after every `COLLECT_AFTER_BYTES` of them.
     """
 
     THRESHOLD0 = 50_000
     FREEZE_AFTER_EVENTS = 100_000
+    COLLECT_AFTER_BYTES = 8 * 1024 * 1024
 
     depth = 0
     saved: tuple[int, int, int] | None = None
     froze = False
+    pending_bytes = 0
+
+    @classmethod
+    def note_bytes(cls, n: int) -> None:
+        cls.pending_bytes += n
+        if cls.pending_bytes >= cls.COLLECT_AFTER_BYTES:
+            cls.pending_bytes = 0
+            if cls.depth:
+                gc.collect(1)
 
     @classmethod
     def enter(cls) -> None:

@@ -317,6 +317,7 @@ class Actor:
                 self._out.clear()
                 self._out_bytes = 0
                 journal.append(self.run_id, E.OUTPUT, {"text": text})
+                self.sup.note_bytes(len(text))
             if self._progress is not None:
                 progress, self._progress = self._progress, None
                 journal.append(self.run_id, E.PROGRESS, progress)
@@ -437,6 +438,8 @@ class Actor:
             size = len(result) * 6 + 2
         else:
             size = 5
+        if size > 4096:  # (an upper bound for a str: a GC hint, not a measure)
+            self.sup.note_bytes(len(result) if isinstance(result, str) else size)
         limit = self.sup.config.max_result_bytes
         if limit is not None and size > limit:
             if isinstance(result, str):

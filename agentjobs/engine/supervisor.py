@@ -61,6 +61,10 @@ class _Session:
     waiting: list[tuple[int, Entry]] = attrs.Factory(list)  # heap by seq; may hold stale
 
 
+def _ignore(n: int) -> None:
+    pass
+
+
 class Supervisor:
     def __init__(
         self,
@@ -92,6 +96,8 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
         self._idle.set()
+        # payload bytes handed to the journal (see `_engine._GCTuning`); set by the engine
+        self.note_bytes: Callable[[int], None] = _ignore
         # for runners that report from a worker thread (see `Actor._report_output`)
         self.thread = threading.get_ident()
         self.token: trio.lowlevel.TrioToken | None = None

@@ -2,10 +2,7 @@
 
     python tests/faults/compacting_server.py SECONDS [agentjobs serve options...]
 
-SECONDS 0: no compaction. With `FAULTS_GC_DEFAULTS=1` in the environment the engine's
-garbage-collector tuning is neutralised (its first-generation threshold set back to
-CPython's default), for scenarios that must measure something else than the memory that
-tuning retains (see tests/test_load_memory.py).
+SECONDS 0: no compaction.
 
 Why this exists: the server compacts every `EngineConfig.compact_interval_s` (one hour
 by default, and no flag or variable sets it), so a 10-minute soak would never see a
@@ -19,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import time
@@ -84,12 +80,6 @@ async def main(every: float, argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("FAULTS_GC_DEFAULTS") == "1":
-        import gc
-
-        from agentjobs.engine import _engine
-
-        _engine._GCTuning.THRESHOLD0 = gc.get_threshold()[0]
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

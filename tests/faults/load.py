@@ -202,20 +202,7 @@ async def slow_subscriber(
     """
     report = SlowReport()
     config = write_runners_toml(work / "runners.toml", work / "markers")
-    # The engine's GC tuning retains ~2.4x the output of each such run for a long while
-    # (tests/test_load_memory.py, xfail): neutralised here, so that the RSS measures what
-    # the never-reading clients cost, not the tuning.
-    proc = await trio.to_thread.run_sync(
-        lambda: start_compacting_server(
-            work / "data",
-            "--durability",
-            "os",
-            "--config",
-            str(config),
-            compact_every=0,
-            gc_defaults=True,
-        )
-    )
+    proc = await _start(work / "data", "--durability", "os", config=config)
     socks: list[socket.socket] = []
     try:
         port = _port(proc)

@@ -143,12 +143,9 @@ class ScriptServer(ServerProcess):
         self.url = m.group(1)
 
 
-def start_compacting_server(
-    data_dir: Path, *args: str, compact_every: float, gc_defaults: bool = False
-) -> ServerProcess:
+def start_compacting_server(data_dir: Path, *args: str, compact_every: float) -> ServerProcess:
     """The real server plus a task compacting its journal every `compact_every` seconds
-    (0: never), tests/faults/compacting_server.py: the server's own schedule is hourly.
-    `gc_defaults` neutralises the engine's GC tuning (see tests/test_load_memory.py)."""
+    (0: never), tests/faults/compacting_server.py: the server's own schedule is hourly."""
     cmd = [
         sys.executable,
         str(COMPACTING_SERVER),
@@ -161,4 +158,4 @@ def start_compacting_server(
         str(data_dir),
         *args,
     ]
-    return ScriptServer(cmd, data_dir, env={"FAULTS_GC_DEFAULTS": "1"} if gc_defaults else None)
+    return ScriptServer(cmd, data_dir)
