@@ -34,6 +34,7 @@ from .engine import (
     RunSpec,
     Status,
     StorageUnavailable,
+    SubmitOutcome,
     UnknownRunner,
     open_engine,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "Runner",
     "Status",
     "StorageUnavailable",
+    "SubmitOutcome",
     "UnknownRunner",
     "__version__",
     "open_engine",

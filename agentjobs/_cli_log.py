@@ -7,6 +7,11 @@ take the directory's lock first, so they refuse to run while a server holds it.
 
 `verify` exit codes: 0 clean; 1 damaged (the server refuses to start: run `log repair`);
 3 only a torn tail (the server cuts it at start, keeping the bytes in a side file).
+
+`repair` moves damage and everything after it aside, except a damaged segment header:
+that holds no event, so it alone is moved aside and rebuilt from the neighbouring
+segments (engine/_repair.py), keeping the segment's events. It refuses (exit 1) a header
+of a newer or unknown format, or one it cannot derive safely, and says why.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import orjson
 import trio
 
+from .engine._repair import HeaderFix, HeaderRefused, apply_header_fix, plan_header_fix
 from .engine.compaction import (
     DEFAULT_IDEMPOTENCY_WINDOW_S,
     DEFAULT_RETENTION_S,
@@ -105,7 +111,9 @@ def register(sub: Any) -> None:
     c.set_defaults(func=cmd_compact)
 
     r = actions.add_parser(
-        "repair", help="move a damaged tail aside to a side directory, keep every good event"
+        "repair",
+        help="move damage aside to a side directory (a damaged header alone: rebuild it), "
+        "keep every good event",
     )
     r.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     r.set_defaults(func=cmd_repair)
@@ -208,8 +216,18 @@ def _verify(args: argparse.Namespace) -> int:
         )
         return EXIT_TORN
     print(f"DAMAGED at {damage}")
-    print(f"the server will refuse to start; `agentjobs log repair {args.data_dir}` moves")
-    print("the damaged tail aside (and any later segments), keeping every event before it")
+    print(f"the server will refuse to start; `agentjobs log repair {args.data_dir}`", end=" ")
+    try:
+        fix = plan_header_fix(directory, report, damage)
+    except HeaderRefused as exc:
+        print(f"will refuse it: {exc}")
+        return EXIT_DAMAGED
+    if fix is not None:
+        print("rebuilds this header")
+        print(f"(only the header is damaged: the {fix.events} intact event(s) after it are kept)")
+    else:
+        print("moves")
+        print("the damaged tail aside (and any later segments), keeping every event before it")
     return EXIT_DAMAGED
 
 
@@ -367,6 +385,21 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+class _SideDir:
+    """The one side directory of a repair run, created when something is first moved."""
+
+    def __init__(self, directory: Path) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.path = directory / f"repair-{stamp}-{os.getpid()}"
+        self._made = False
+
+    def get(self) -> Path:
+        if not self._made:
+            self.path.mkdir()
+            self._made = True
+        return self.path
+
+
 def _repair(args: argparse.Namespace) -> int:
     directory = journal_dir(args.data_dir)
     lock_fd = acquire_lock(directory)
@@ -374,32 +407,63 @@ def _repair(args: argparse.Namespace) -> int:
         for path in prepare_directory(directory):
             print(f"removed {path.name} (left over from an interrupted compaction)")
         report = scan(directory, _fold_into(State()))
-        damage = report.damage
-        if damage is None:
+        if report.damage is None:
             print(_summary(directory, report))
             print("nothing to repair: the journal is clean")
             return EXIT_OK
-        _move_tail_aside(directory, report, damage)
-        after = scan(directory, _fold_into(State()))
-        print(f"journal now: {after.events} events, last seq {after.last_seq}")
-        if after.damage is not None:  # pragma: no cover - would be a bug in scan/repair
-            _err(f"still damaged at {after.damage}")
+        side = _SideDir(directory)
+        # Each step fixes the first damage: a rebuilt header leaves the rest of its
+        # segment to be read again, and may uncover damage further on (moved aside by
+        # the next step); moving a tail aside leaves nothing after it. So this ends.
+        for _ in range(2 * len(report.segments) + 2):
+            damage = report.damage
+            if damage is None:
+                break
+            try:
+                fix = plan_header_fix(directory, report, damage)
+            except HeaderRefused as exc:
+                print(f"damage at {damage}")
+                _err(f"cannot repair: {exc}")
+                _err("the damaged segment was left as it is; earlier steps (if any) are kept")
+                return EXIT_DAMAGED
+            if fix is not None:
+                _rebuild_header(fix, damage, side.get() if fix.damaged else side.path)
+            else:
+                _move_tail_aside(directory, report, damage, side.get())
+            report = scan(directory, _fold_into(State()))
+        print(f"journal now: {report.events} events, last seq {report.last_seq}")
+        if report.damage is not None:  # pragma: no cover - would be a bug in scan/repair
+            _err(f"still damaged at {report.damage}")
             return EXIT_DAMAGED
-        print("OK: the journal is clean; the moved bytes are kept in the side directory")
+        kept = f"; what was moved is kept in {side.path}" if side.path.exists() else ""
+        print(f"OK: the journal is clean{kept}")
         return EXIT_OK
     finally:
         release_lock(lock_fd)
 
 
-def _move_tail_aside(directory: Path, report: ScanReport, damage: Damage) -> None:
-    """Move damage.path[damage.offset:] and every later segment into a side directory.
+def _rebuild_header(fix: HeaderFix, damage: Damage, side_dir: Path) -> None:
+    """Move a damaged header (only) aside and write a fresh one: the events stay."""
+    kept_file = apply_header_fix(fix, side_dir)
+    name = fix.path.name
+    print(f"damage at {damage}")
+    if kept_file is None:
+        print(f"{name} has no header line (it starts with an event): wrote a fresh header")
+    else:
+        print(f"moved the damaged header of {name} ({len(fix.damaged)} bytes) to {kept_file}")
+    if fix.merged_event:
+        print("  (its newline was damaged: the first event shared its line and is kept)")
+    fields = "; ".join(fix.notes)
+    print(f"wrote a fresh header for {name}: {fields}")
+    print(f"kept the {fix.events} intact event(s) that follow it in {name}")
+
+
+def _move_tail_aside(directory: Path, report: ScanReport, damage: Damage, side_dir: Path) -> None:
+    """Move damage.path[damage.offset:] and every later segment into `side_dir`.
 
     Order matters for a crash in the middle: first the copy of the tail (synced), then the
     later segments (newest first), then the cut; re-running repair finishes the job.
     """
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    side_dir = directory / f"repair-{stamp}-{os.getpid()}"
-    side_dir.mkdir()
     path = damage.path
     data = path.read_bytes()
     tail = data[damage.offset :]
@@ -420,7 +484,7 @@ def _move_tail_aside(directory: Path, report: ScanReport, damage: Damage) -> Non
     _fsync_path(side_dir)
     _fsync_path(directory)
     if damage.offset == 0:
-        path.unlink()  # nothing good in it (its header is what is damaged)
+        path.unlink()  # nothing good in it (an unusable header, nothing intact after it)
     else:
         with open(path, "r+b") as f:
             f.truncate(damage.offset)

@@ -65,23 +65,32 @@ async def test_subscribers_joining_at_any_moment_see_every_event_once(
         assert engine.bus.subscriber_count == 0
 
 
+@pytest.mark.parametrize("page_size", [256, 3])
 async def test_events_committed_while_the_past_is_read_are_not_lost_or_repeated(
-    autojump_clock: MockClock, tmp_path: Path
+    autojump_clock: MockClock, tmp_path: Path, page_size: int
 ) -> None:
     async with scripted_engine(tmp_path) as (engine, _):
+        engine.bus.tail_events = 0  # no in-memory tail: the past comes from the journal
+        engine.bus.page_size = page_size
         run = await engine.submit("x", config={"do": "output", "n": 40, "every": 0.06})
         await trio.sleep(1)
         real = engine._read_history
+        reads: list[int] = []
 
-        async def slow_read(run_id: str, after: int) -> list[Event]:
-            events = await real(run_id, after)
+        async def slow_read(run_id: str, after: int, limit: int | None = None) -> list[Event]:
+            events = await real(run_id, after, limit)
+            reads.append(len(events))
             await trio.sleep(0.5)  # meanwhile more events are committed and pushed live
             return events
 
         engine._read_history = slow_read  # type: ignore[method-assign]
         got = await collect(engine, run.id)
+        engine._read_history = real  # type: ignore[method-assign]
         full = await engine.events(run.id)
         assert seqs(got) == seqs(full)
+        assert reads and max(reads) <= page_size
+        if page_size == 3:
+            assert len(reads) > 1  # the catch-up really went page by page
 
 
 async def test_a_finished_run_streams_its_history_and_stops(autojump_clock: MockClock) -> None:

@@ -15,7 +15,7 @@ from trio.testing import MockClock
 
 from agentjobs import EventType, Status, StorageUnavailable, open_engine
 from agentjobs.engine import _engine
-from agentjobs.engine.journal import Journal, Ticket
+from agentjobs.engine.journal import Durability, Journal, Ticket
 
 E = EventType
 
@@ -130,17 +130,15 @@ async def test_gc_tuning_is_applied_while_open_and_undone_after(autojump_clock: 
         assert gc.get_threshold() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="journal bug: a batch and its tickets point at each other (`_Batch.tickets` and "
-    "`Ticket.batch`), so every committed batch, with its encoded lines and decoded event "
-    "data, waits for the cyclic GC instead of being freed by reference counting when its "
-    "waiters are done (megabytes per output-heavy run; the engine now forces a young "
-    "collection per 8 MiB of payload to compensate). Fix in journal.py: drop the batch's "
-    "list of tickets once it is done; waiters only read `done` and `error`.",
-)
-async def test_committed_batches_are_freed_by_reference_counting(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal", "os")
+@pytest.mark.parametrize("durability", ["os", "memory"])
+async def test_committed_batches_are_freed_by_reference_counting(
+    tmp_path: Path, durability: Durability
+) -> None:
+    """A batch and its tickets must not point at each other once the batch is committed
+    (`_commit_batch` empties `batch.tickets`; a ticket keeps its batch for `done` and
+    `error`): otherwise every batch, with its encoded lines and decoded event data,
+    waits for the cyclic GC instead of being freed by reference counting."""
+    journal = Journal(tmp_path / "journal" if durability != "memory" else None, durability)
     journal.open(lambda event: None)
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)

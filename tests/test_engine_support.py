@@ -28,6 +28,7 @@ import attrs
 import trio
 
 from agentjobs import Engine, Event, EventType, RunContext, RunError, open_engine
+from agentjobs.engine._iothread import IOThread
 from agentjobs.engine.journal import SEGMENT_RE, IOHooks, decode_line, event_from_obj
 from agentjobs.engine.runners import EchoRunner
 from agentjobs.engine.state import State, apply
@@ -333,16 +334,23 @@ async def start_order(engine: Engine, ids: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def inline_threads() -> Iterator[None]:
-    """Make `trio.to_thread.run_sync` run its function in the trio thread (after a
-    checkpoint), so journal IO cannot let an autojump clock skip ahead."""
+    """Make `trio.to_thread.run_sync` and the journal writer's own IO thread
+    (`IOThread.run_sync`) run their function in the trio thread (after a checkpoint), so
+    journal IO cannot let an autojump clock skip ahead."""
     real = trio.to_thread.run_sync
+    real_io = IOThread.run_sync
 
     async def inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
         await trio.lowlevel.checkpoint()
         return fn(*args)
 
+    async def inline_io(_self: IOThread, fn: Callable[..., Any], *args: Any) -> Any:
+        return await inline(fn, *args)
+
     trio.to_thread.run_sync = inline  # type: ignore[assignment]
+    IOThread.run_sync = inline_io  # type: ignore[method-assign]
     try:
         yield
     finally:
         trio.to_thread.run_sync = real
+        IOThread.run_sync = real_io  # type: ignore[method-assign]

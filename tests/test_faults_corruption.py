@@ -147,12 +147,6 @@ def test_the_server_refuses_damage_with_file_and_line_then_repair_lets_it_start(
         proc.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: `log repair` of a segment whose header line alone is damaged moves the "
-    "whole segment aside, so every intact, acknowledged event in it is dropped from the "
-    "journal (up to 64 MiB of runs for one flipped bit)",
-)
 def test_repair_of_a_damaged_header_keeps_the_intact_events(
     real_journal: Path, tmp_path: Path
 ) -> None:

@@ -42,20 +42,14 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> N
     assert report.streams > 0 and report.finished_checked > 0, report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a command runner's process group survives kill -9 of the server (it runs "
-    "in its own session and nothing records it), so the restarted server starts the next "
-    "attempt while the orphaned one is still working: the run runs twice at once",
-)
 async def test_an_orphaned_attempt_is_stopped_before_the_run_starts_again(
     tmp_path: Path,
 ) -> None:
     """A run's command is still working (it does not watch its parent) when the server is
     SIGKILLed; after the restart the run is requeued and started again. The design's
     promise "a run is never executed by two actors at once" needs the old process group
-    gone before the new attempt starts (e.g. the runner records each group in the data
-    dir and recovery kills what is left, or PR_SET_PDEATHSIG)."""
+    gone before the new attempt starts: the runner records each group in the data dir
+    (`<data_dir>/attempts/`) and recovery stops what is left before any run starts."""
     markers = tmp_path / "markers"
     config = write_runners_toml(tmp_path / "runners.toml", markers, orphan="stay")
     data = tmp_path / "data"

@@ -137,6 +137,9 @@ async def test_every_endpoint_answers_as_documented(tmp_path: Path) -> None:
         await call("POST", f"{runs}/{hooked}/webhooks/redeliver")
         await trio.to_thread.run_sync(hooks.wait_for, 2)
         await call("POST", runs, json={"prompt": "x", "webhook_url": "http://10.0.0.1/"})  # 422
+        batch = {"runs": [{"prompt": "b1"}, {"promt": "typo"}]}
+        await call("POST", runs + "/batch", json=batch)  # 200: one 202 item, one 422 item
+        await call("POST", runs + "/batch", json={"runs": []})  # 422
         replay = await call(
             "POST", runs, json={"prompt": "k"}, headers={"Idempotency-Key": "spec-key"}
         )

@@ -32,6 +32,8 @@ from ._errors import (
     WaitTimeout,
 )
 from ._models import (
+    BatchItem,
+    BatchResult,
     CancelledEvent,
     ErrorEvent,
     HeartbeatEvent,
@@ -54,6 +56,8 @@ __all__ = [
     "AsyncClient",
     "AsyncEventStream",
     "BadRequest",
+    "BatchItem",
+    "BatchResult",
     "CancelledEvent",
     "Client",
     "Conflict",

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -26,7 +26,7 @@ import orjson
 
 from .. import __version__
 from ._errors import TransportError, error_for_response
-from ._models import Run, StreamEvent, parse_event
+from ._models import BatchItem, BatchResult, Run, StreamEvent, parse_event
 from ._sse import Frame, SSEDecoder
 
 __all__ = [
@@ -37,7 +37,9 @@ __all__ = [
     "RetryPolicy",
     "StreamState",
     "absolute_urls",
+    "batch_call",
     "build_headers",
+    "parse_batch_answer",
     "resolve_api_key",
     "resolve_base_url",
     "submit_call",
@@ -147,6 +149,51 @@ def submit_call(prompt: str, options: Mapping[str, Any]) -> Call:
     return Call(
         "POST", RUNS_PATH, json=body, headers={"Idempotency-Key": str(key)}, idempotent=True
     )
+
+
+BATCH_PATH: Final = RUNS_PATH + "/batch"
+
+
+def _batch_item(item: str | Mapping[str, Any]) -> dict[str, Any]:
+    """One item of a batch body: a prompt, or a mapping of submit fields (`prompt` and
+    any options), with an `idempotency_key` generated unless given."""
+    if isinstance(item, str):
+        body: dict[str, Any] = {"prompt": item}
+    elif isinstance(item, Mapping):
+        body = {k: v for k, v in item.items() if v is not None}
+    else:
+        raise TypeError(f"a batch item is a prompt or a mapping of fields, not {item!r}")
+    if not body.get("idempotency_key"):
+        body["idempotency_key"] = uuid.uuid4().hex
+    return body
+
+
+def batch_call(runs: Sequence[str | Mapping[str, Any]]) -> Call:
+    """The request for a batch submit. Every item carries an idempotency key (generated
+    unless given), so the whole request may be resent after a lost answer: items already
+    recorded come back as replays instead of running twice."""
+    if isinstance(runs, str | bytes) or not isinstance(runs, Sequence):
+        raise TypeError("runs must be a sequence of prompts or mappings of submit fields")
+    return Call("POST", BATCH_PATH, json={"runs": [_batch_item(r) for r in runs]}, idempotent=True)
+
+
+def parse_batch_answer(body: Any, response: httpx.Response, base_url: str) -> BatchResult:
+    """The batch answer as models: runs for accepted items, typed errors for the others."""
+    doc: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
+    items: list[BatchItem] = []
+    url = str(response.url)
+    for entry in doc.get("results") or ():
+        index = int(entry.get("index", len(items)))
+        status = int(entry.get("status", 0))
+        if status == 202 and "job_id" in entry:
+            fields = dict(entry)
+            fields["status"] = entry.get("job_status", "queued")
+            run = Run.from_json(fields, replayed=entry.get("replayed") is True)
+            items.append(BatchItem(index, status, run=absolute_urls(run, base_url)))
+        else:
+            error = error_for_response(status, entry.get("problem"), {}, "POST", url)
+            items.append(BatchItem(index, status, error=error))
+    return BatchResult(items=items)
 
 
 def run_path(run_id: str, suffix: str = "") -> str:

@@ -14,9 +14,11 @@ from typing import Any
 import attrs
 
 from ..engine.model import TERMINAL, Status
-from ._errors import RunCancelled, RunFailed
+from ._errors import APIError, RunCancelled, RunFailed
 
 __all__ = [
+    "BatchItem",
+    "BatchResult",
     "CancelledEvent",
     "ErrorEvent",
     "HeartbeatEvent",
@@ -133,6 +135,57 @@ class Run:
             replayed=replayed,
             raw=dict(doc),
         )
+
+
+@attrs.frozen(slots=True)
+class BatchItem:
+    """One item of `submit_batch`: its accepted `run` (new, or an earlier one when
+    `run.replayed`), or the `error` that refused it alone (a `ValidationError`,
+    `IdempotencyConflict`, ...: what the same body submitted alone would have raised)."""
+
+    index: int
+    status: int
+    run: Run | None = None
+    error: APIError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.run is not None
+
+
+@attrs.frozen(slots=True)
+class BatchResult:
+    """What `submit_batch` returns: one `BatchItem` per item sent, in order."""
+
+    items: list[BatchItem]
+
+    @property
+    def runs(self) -> list[Run]:
+        """The accepted items' runs, in order (replays included)."""
+        return [i.run for i in self.items if i.run is not None]
+
+    @property
+    def errors(self) -> list[BatchItem]:
+        """The refused items."""
+        return [i for i in self.items if i.run is None]
+
+    @property
+    def accepted(self) -> int:
+        return sum(1 for i in self.items if i.run is not None)
+
+    @property
+    def rejected(self) -> int:
+        return len(self.items) - self.accepted
+
+    def raise_for_errors(self) -> BatchResult:
+        """Raise the first refused item's error, if any; else return self."""
+        for item in self.items:
+            if item.error is not None:
+                raise item.error
+        return self
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 @attrs.frozen(slots=True)

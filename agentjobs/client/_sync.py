@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +19,7 @@ from ._core import (
     RetryPolicy,
     StreamState,
     absolute_urls,
+    batch_call,
     build_headers,
     check_response,
     check_wait,
@@ -26,6 +27,7 @@ from ._core import (
     is_replay,
     list_params,
     make_timeout,
+    parse_batch_answer,
     resolve_api_key,
     resolve_base_url,
     run_path,
@@ -35,7 +37,7 @@ from ._core import (
     transport_error,
 )
 from ._errors import APIError, NotFinished, ServiceUnavailable, TransportError, WaitTimeout
-from ._models import Run, RunResult, StreamEvent
+from ._models import BatchResult, Run, RunResult, StreamEvent
 
 __all__ = ["Client", "EventStream"]
 
@@ -123,6 +125,22 @@ class Client:
         response, body = self._request(submit_call(prompt, options))
         run = Run.from_json(body, replayed=is_replay(response))
         return absolute_urls(run, self.base_url)
+
+    def submit_batch(self, runs: Sequence[str | Mapping[str, Any]]) -> BatchResult:
+        """Submit many runs in one request (`POST /api/v1/runs/batch`, up to the server's
+        `--max-batch`, 1000 by default), recorded in one group commit.
+
+        Each item is a prompt, or a mapping of body fields (`{"prompt": ..., "session_id":
+        ...}`, the options of `submit`). Items are independent: the result has one
+        `BatchItem` per item, in order, with its `run` or the `error` that refused it
+        alone (`raise_for_errors()` raises the first). Each item gets an
+        `idempotency_key` unless it has one, so a retry of the whole request after a lost
+        answer returns the runs already made (`run.replayed`) instead of making more.
+        A refusal of the batch as a whole (422 for its shape, 413, 429, 503 after the
+        retries) raises, and then nothing was submitted.
+        """
+        response, body = self._request(batch_call(runs))
+        return parse_batch_answer(body, response, self.base_url)
 
     def get(self, run_id: str) -> Run:
         """The run's status and progress now."""

@@ -1,6 +1,6 @@
 """The engine: journal, state fold, supervisor, actors, bus. Knows nothing of HTTP."""
 
-from ._engine import Engine, EngineConfig, Page, open_engine
+from ._engine import Engine, EngineConfig, Page, SubmitOutcome, open_engine
 from .errors import (
     AlreadyFinished,
     EngineClosed,
@@ -41,6 +41,7 @@ __all__ = [
     "Runner",
     "Status",
     "StorageUnavailable",
+    "SubmitOutcome",
     "UnknownRunner",
     "open_engine",
 ]

@@ -51,10 +51,12 @@ from .journal import (
 from .metrics import Metrics
 from .model import TERMINAL, Event, EventType, Run, RunSpec, Status, new_run_id
 from .runners import EchoRunner, Runner
+from .runners._base import RecordsAttempts
+from .runners._orphans import AttemptRecords
 from .state import State, apply, spec_to_data
 from .supervisor import Supervisor
 
-__all__ = ["Engine", "EngineConfig", "Page", "open_engine"]
+__all__ = ["Engine", "EngineConfig", "Page", "SubmitOutcome", "open_engine"]
 
 log = logging.getLogger("agentjobs.engine")
 E = EventType
@@ -141,6 +143,29 @@ def request_hash(spec: RunSpec) -> str:
     """A stable hash of what a submit asked for (everything but the key itself)."""
     data = spec_to_data(attrs.evolve(spec, idempotency_key=None, request_hash=None))
     return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+@attrs.frozen(slots=True)
+class SubmitOutcome:
+    """One item of `Engine.submit_many`: the run (new, or the original one for a replay),
+    or the `IdempotencyConflict` that refused this item alone."""
+
+    run: Run | None
+    replayed: bool = False
+    error: IdempotencyConflict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _hashes_differ(a: RunSpec, b: RunSpec) -> bool:
+    """Do two submits under one key ask for different things? (`submit_spec`'s rule.)"""
+    return (
+        a.request_hash is not None
+        and b.request_hash is not None
+        and a.request_hash != b.request_hash
+    )
 
 
 class Engine:
@@ -276,15 +301,32 @@ class Engine:
                 self.journal.forget(run_id)
         state.vacuum()
 
-    async def _recover(self) -> None:
+    async def _recover(self, records: AttemptRecords | None = None) -> None:
         """Settle runs that were running when the process stopped; queue the queued ones.
 
         Nothing starts until every run is settled and queued, so the queue order after a
         restart is the journal's (priority, then submission), recovered runs included.
+
+        First of all, process groups that attempts of the previous server left running
+        (`records`, see `runners/_orphans.py`) are stopped: the run they belong to is
+        about to be requeued, and must not run twice at once. Only then do runners that
+        record their attempts get this engine's records.
         """
         counts = {"requeued": 0, "failed": 0, "cancelled": 0, "queued": 0}
         sup = self.supervisor
         sup.admitting = False
+        if records is not None:
+            # blocking (signals, then polling /proc for up to the recorded grace): a thread
+            leftovers = await trio.to_thread.run_sync(records.stop_leftovers)
+            if leftovers.stopped:
+                log.warning(
+                    "stopped %d process groups left running by the previous server: %s",
+                    len(leftovers.stopped),
+                    ", ".join(leftovers.stopped),
+                )
+            for runner in self.runners.values():
+                if isinstance(runner, RecordsAttempts):
+                    runner.attach_attempt_records(records)
         tickets = []
         for run in list(self.state.runs.values()):
             if run.status is Status.QUEUED:
@@ -466,6 +508,131 @@ class Engine:
             done.set()
         return _snapshot(self.state.runs[run_id]), False
 
+    async def submit_many(self, specs: Sequence[RunSpec]) -> builtins.list[SubmitOutcome]:
+        """Submit validated specs together: one journal batch (one write, one fsync).
+
+        Returns one `SubmitOutcome` per spec, in order: a new run, an idempotent replay
+        (the original run, `replayed=True`), or an `IdempotencyConflict` in `error` (that
+        item only; the others go ahead). Keys follow `submit_spec`'s rules per tenant; a
+        key given twice in `specs` makes the second a replay of the first (same request)
+        or a conflict; a key a concurrent submit is recording is waited for first.
+
+        All or nothing for the rest: `QueueFull` if the new runs do not all fit in
+        `max_queue` (nothing written), `StorageUnavailable` if their batch could not be
+        made durable (none of it is applied: the journal applies a batch only once it is
+        written), `EngineClosed` when shutting down. Why one batch: every `submitted`
+        event is appended without a checkpoint in between, so the journal's writer takes
+        them as one group commit, and the caller pays one fsync for the lot instead of
+        one trio task and one ticket wait per run (docs/benchmarks.md).
+        """
+        if not self.accepting:
+            raise EngineClosed("the engine is not accepting runs")
+        n = len(specs)
+        if n == 0:
+            return []
+        keyed = {(s.tenant, s.idempotency_key) for s in specs if s.idempotency_key is not None}
+        while True:  # wait out every key a concurrent submit is recording, then decide
+            inflight = next(
+                (ev for pk in keyed if (ev := self._pending_keys.get(pk)) is not None), None
+            )
+            if inflight is None:
+                break
+            await inflight.wait()
+            if not self.accepting:
+                raise EngineClosed("the engine is not accepting runs")
+        # From here to the appends: no checkpoint, so nothing can change under the decisions.
+        now = self.wall()
+        window = self.config.idempotency_window_s
+        state = self.state
+        gone = self._gone
+        existing: dict[int, Run] = {}  # item -> earlier run it replays
+        conflicts: dict[int, IdempotencyConflict] = {}  # item -> conflict with an earlier run
+        same_as: dict[int, int] = {}  # item -> earlier item of this batch with its key
+        clashes: set[int] = set()  # items of `same_as` whose request differs: conflicts
+        first: dict[tuple[str | None, str], int] = {}
+        new: builtins.list[int] = []
+        for i, spec in enumerate(specs):
+            key = spec.idempotency_key
+            if key is None:
+                new.append(i)
+                continue
+            pk = (spec.tenant, key)
+            found = state.find_idempotent(spec.tenant, key, now=now, window=window)
+            if found is not None and found.id not in gone:
+                if _hashes_differ(found.spec, spec):
+                    conflicts[i] = IdempotencyConflict(key, found.id)
+                else:
+                    existing[i] = found
+                continue
+            j = first.get(pk)
+            if j is None:
+                first[pk] = i
+                new.append(i)
+            else:
+                same_as[i] = j
+                if _hashes_differ(specs[j], spec):
+                    clashes.add(i)
+        if new and self.supervisor.queued_count + self._submitting + len(new) > (
+            self.config.max_queue
+        ):
+            raise QueueFull(
+                f"the queue cannot take {len(new)} more runs ({self.config.max_queue} may "
+                "wait); nothing was submitted; retry later",
+                retry_after=self.supervisor.retry_hint(),
+            )
+        ids: dict[int, str] = {}
+        datas = [spec_to_data(specs[i]) for i in new]
+        try:  # any encoding error now, before the first append: all or nothing
+            orjson.dumps(datas)
+        except TypeError as exc:
+            raise InvalidRequest("config", f"must be JSON-serialisable: {exc}") from None
+        journal = self.journal
+        append = journal.append
+        note = self.supervisor.note_bytes
+        tickets = []
+        try:
+            for i, data in zip(new, datas, strict=True):
+                run_id = ids[i] = new_run_id()
+                tickets.append(append(run_id, E.SUBMITTED, data, sync=True))
+                note(len(specs[i].prompt))
+        except JournalClosed:
+            raise EngineClosed("the engine is shutting down") from None
+        except JournalError as exc:  # broken journal: raised before anything was queued
+            raise StorageUnavailable(f"could not record the runs durably: {exc}") from exc
+        for i in clashes:
+            conflicts[i] = IdempotencyConflict(specs[i].idempotency_key or "", ids[same_as[i]])
+        if tickets:
+            done = trio.Event()
+            mine = [pk for pk, i in first.items() if i in ids]
+            for pk in mine:
+                self._pending_keys[pk] = done
+            self._submitting += len(tickets)
+            try:
+                # one batch: every ticket shares it, so the last one answers for all
+                await tickets[-1].wait()
+            except JournalWriteError as exc:
+                raise StorageUnavailable(f"could not record the runs durably: {exc}") from exc
+            except JournalClosed:
+                raise EngineClosed("the engine is shutting down") from None
+            finally:
+                self._submitting -= len(tickets)
+                for pk in mine:
+                    if self._pending_keys.get(pk) is done:
+                        del self._pending_keys[pk]
+                done.set()
+        runs = state.runs
+        out: builtins.list[SubmitOutcome] = []
+        for i in range(n):
+            if i in conflicts:
+                out.append(SubmitOutcome(None, False, conflicts[i]))
+            elif i in existing:
+                out.append(SubmitOutcome(_snapshot(existing[i]), True))
+            elif i in same_as:
+                out.append(SubmitOutcome(_snapshot(runs[ids[same_as[i]]]), True))
+            else:
+                out.append(SubmitOutcome(_snapshot(runs[ids[i]]), False))
+        return out
+
     # -- reading -----------------------------------------------------------------------
 
     def _visible(self, run_id: str, tenant: str | None) -> Run:
@@ -555,19 +722,39 @@ class Engine:
     ) -> builtins.list[Event]:
         """The run's committed events after `after_seq`, oldest first (at most `limit`).
 
-        Pass the `after_seq` you need rather than slicing a full history: the events
-        before it are then never materialised (the journal still reads their lines).
+        A page costs what it holds: the journal finds `after_seq` by binary search over
+        the run's index and reads only the lines of the page.
         """
         self._visible(run_id, tenant)
-        events = await self._read_history(run_id, after_seq)
-        if limit is not None and len(events) > limit:
-            del events[limit:]
-        return events
+        return await self._read_history(run_id, after_seq, limit)
 
-    async def _read_history(self, run_id: str, after_seq: int) -> builtins.list[Event]:
+    async def _read_history(
+        self, run_id: str, after_seq: int, limit: int | None = None
+    ) -> builtins.list[Event]:
         if self.config.durability == "memory":
-            return self.journal.history(run_id, after_seq)
-        return await trio.to_thread.run_sync(self.journal.history, run_id, after_seq)
+            return self.journal.history(run_id, after_seq, limit)
+        return await trio.to_thread.run_sync(self.journal.history, run_id, after_seq, limit)
+
+    async def events_before(
+        self,
+        run_id: str,
+        before_seq: int,
+        *,
+        limit: int,
+        types: frozenset[EventType] | None = None,
+        tenant: str | None = None,
+    ) -> builtins.list[Event]:
+        """The newest `limit` events (of `types`) with seq < before_seq, oldest first:
+        from the bus's tail of a live run when it holds them (no thread), else the journal.
+        """
+        self._visible(run_id, tenant)
+        got = self.bus.tail_before(run_id, before_seq, limit, types)
+        if got is not None:
+            return got
+        read = self.journal.history_before
+        if self.config.durability == "memory":
+            return read(run_id, before_seq, limit, types)
+        return await trio.to_thread.run_sync(read, run_id, before_seq, limit, types)
 
     def subscribe(
         self, run_id: str, after_seq: int = 0, *, tenant: str | None = None
@@ -720,7 +907,9 @@ class Engine:
             await trio.sleep(interval)
             try:
                 report = await self.compact()
-            except JournalError as exc:
+            except (JournalError, OSError) as exc:
+                # e.g. a full disk while sealing the segment: the journal itself is fine
+                # (the seal is retried by the next compaction), so the engine carries on.
                 log.error("scheduled compaction failed (will try again): %s", exc)
             else:
                 if report.skipped is None:
@@ -865,6 +1054,14 @@ async def _run_engine(engine: Engine, config: EngineConfig) -> AsyncIterator[Eng
     report = engine.replay_report
     if config.gc_tuning and report is not None:
         _GCTuning.after_replay(report.events)
+    # Process groups of live attempts are recorded beside the journal (whose lock makes
+    # this engine the dir's only user). Without a data dir nothing outlives the process
+    # in a way a restart could see, so nothing is recorded.
+    records = (
+        AttemptRecords(engine.data_dir / "attempts")
+        if engine.data_dir is not None and config.durability != "memory"
+        else None
+    )
     log.info(
         "engine open: durability=%s%s, %d events replayed",
         config.durability,
@@ -884,7 +1081,7 @@ async def _run_engine(engine: Engine, config: EngineConfig) -> AsyncIterator[Eng
 
             await nursery.start(run_journal)
             await nursery.start(engine.supervisor.run)
-            await engine._recover()
+            await engine._recover(records)
             compactor = trio.CancelScope()
             if config.compact_interval_s is not None:
 
@@ -903,6 +1100,10 @@ async def _run_engine(engine: Engine, config: EngineConfig) -> AsyncIterator[Eng
                     await _shut_down(engine, journal_done)
                 nursery.cancel_scope.cancel()
     finally:
+        if records is not None:
+            for runner in engine.runners.values():
+                if isinstance(runner, RecordsAttempts):
+                    runner.detach_attempt_records(records)
         engine.journal.close_files()
         for runner in engine.runners.values():
             aclose = getattr(runner, "aclose", None)

@@ -50,17 +50,19 @@ import gc
 import logging
 import os
 import re
+import sys
 import time
 import zlib
 from array import array
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar
 
 import attrs
 import orjson
 import trio
 
+from ._iothread import IOThread
 from .model import Event, EventType
 
 if TYPE_CHECKING:
@@ -112,6 +114,20 @@ SEG_SHIFT: Final = 40  # position = segment << 40 | byte offset (segments up to 
 _OFFSET_MASK: Final = (1 << SEG_SHIFT) - 1
 
 _EVENT_TYPES: Final[dict[str, EventType]] = {t.value: t for t in EventType}
+# The history index: a run's line positions as packed native int64s in a `bytes` while it
+# has at most this many (57 B for three, against 120 B for an `array('q')` that has grown
+# to three), then an `array('q')` that appends in place.
+_INLINE_POSITIONS: Final = 8
+_INLINE_BYTES: Final = 8 * _INLINE_POSITIONS
+_BYTEORDER: Final = sys.byteorder
+Positions: TypeAlias = "bytes | array[int]"
+# The start of an event line as `append` (and compaction) write it: enough to learn its
+# seq and type without reading or decoding the rest. A line it does not match is decoded.
+_HEAD_RE: Final = re.compile(
+    rb'\{"crc":"[0-9a-f]{8}","seq":([0-9]+),"ts":[-+.0-9eE]+,'
+    rb'"run":"(?:[^"\\]|\\.)*","type":"([a-z_]+)"'
+)
+_HEAD_READ: Final = 256  # bytes read to match _HEAD_RE (run ids are short)
 _EXACT_SCALARS: Final = frozenset({str, int, bool, type(None)})
 _INF: Final = float("inf")
 
@@ -134,6 +150,52 @@ def _json_exact_flat(data: dict[str, Any]) -> bool:
             continue
         return False
     return True
+
+
+# -- the history index -------------------------------------------------------------
+
+
+def _index_add(index: dict[str, Positions], run: str, position: int) -> None:
+    """Record one more line of `run` (positions only ever grow, in file order)."""
+    held = index.get(run)
+    if held is None:
+        index[run] = position.to_bytes(8, _BYTEORDER)
+    elif isinstance(held, array):
+        held.append(position)
+    elif len(held) < _INLINE_BYTES:
+        index[run] = held + position.to_bytes(8, _BYTEORDER)
+    else:
+        grown = array("q")
+        grown.frombytes(held)
+        grown.append(position)
+        index[run] = grown
+
+
+def _as_array(held: Positions) -> array[int]:
+    """The positions as an array: a copy for the packed form, the index's own otherwise.
+
+    Never a memoryview of an `array`: an exported buffer would stop the writer from
+    appending to it.
+    """
+    if isinstance(held, array):
+        return held
+    out = array("q")
+    out.frombytes(held)
+    return out
+
+
+def _shrink(positions: array[int]) -> Positions:
+    """The compact form of a freshly built array (replay, compaction)."""
+    return positions.tobytes() if len(positions) <= _INLINE_POSITIONS else positions
+
+
+def _last_position(held: Positions) -> int:
+    if isinstance(held, array):
+        return held[-1]
+    return int.from_bytes(held[-8:], _BYTEORDER)
+
+
+T = TypeVar("T")
 
 
 class JournalError(Exception):
@@ -627,7 +689,13 @@ def scan(
 
 
 class Ticket:
-    """A queued append. `await ticket.wait()` returns once it is durable and applied."""
+    """A queued append. `await ticket.wait()` returns once it is durable and applied.
+
+    A ticket points at its batch, never the other way round once the writer took the
+    batch (`_commit_batch` empties `batch.tickets`): no reference cycle, so a committed
+    batch with its lines and decoded data is freed by reference counting as soon as its
+    waiters are done, not by a later cyclic collection.
+    """
 
     __slots__ = ("batch", "event", "line")
 
@@ -662,6 +730,92 @@ class _Batch:
         self.sync = False
         self.done = trio.Event()
         self.error: BaseException | None = None
+
+
+class _RunLines:
+    """Random access to one run's journal lines through the history index.
+
+    In memory durability the lines are the index; in the file modes each is a seek into
+    its segment (a file opened once per segment per read). Sees the lines indexed when it
+    was opened, not the ones the writer adds meanwhile.
+    """
+
+    __slots__ = ("_files", "_journal", "_lines", "_n", "_positions", "run")
+
+    def __init__(self, journal: Journal, run: str) -> None:
+        self._journal = journal
+        self.run = run
+        self._files: dict[int, Any] = {}
+        self._lines: list[bytes] | None = None
+        self._positions: array[int] | None = None
+        if journal.durability == "memory":
+            self._lines = journal._memory.get(run, [])
+            self._n = len(self._lines)
+        else:
+            held = journal._positions.get(run)
+            self._positions = _as_array(held) if held is not None else array("q")
+            self._n = len(self._positions)
+
+    def __enter__(self) -> _RunLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        files, self._files = self._files, {}
+        for f in files.values():
+            f.close()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _file(self, k: int) -> Any:
+        assert self._positions is not None
+        p = self._positions[k]
+        seg = p >> SEG_SHIFT
+        f = self._files.get(seg)
+        if f is None:
+            f = self._files[seg] = open(self._journal.segment_path(seg), "rb")  # noqa: SIM115
+        f.seek(p & _OFFSET_MASK)
+        return f
+
+    def line(self, k: int) -> bytes:
+        if self._lines is not None:
+            return self._lines[k]
+        line: bytes = self._file(k).readline()
+        return line
+
+    def head(self, k: int) -> tuple[int, str] | None:
+        """(seq, type) of line k from its first bytes, or None if they do not say."""
+        if self._lines is not None:
+            m = _HEAD_RE.match(self._lines[k])
+        else:
+            m = _HEAD_RE.match(self._file(k).read(_HEAD_READ))
+        if m is None:
+            return None
+        return int(m.group(1)), m.group(2).decode("ascii")
+
+    def event(self, k: int) -> Event:
+        line = self.line(k)
+        if not line.endswith(b"\n"):
+            raise JournalError(f"history of {self.run} is unavailable for now (write error)")
+        event = event_from_obj(decode_line(line[:-1]))
+        if event.run != self.run:
+            raise JournalError(f"history of {self.run}: index points at a line of {event.run}")
+        return event
+
+    def first_after(self, seq: int) -> int:
+        """Index of the first line with a seq above `seq` (len when there is none)."""
+        lo, hi = 0, self._n
+        if seq <= 0:
+            return 0
+        while lo < hi:
+            mid = (lo + hi) // 2
+            head = self.head(mid)
+            at = head[0] if head is not None else self.event(mid).seq
+            if at <= seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
 
 @attrs.define(slots=True, eq=False)
@@ -731,6 +885,8 @@ class Journal:
         self._opened = False
         self._closed = False
         self._running = False
+        # the writer's blocking IO, while it runs (see _iothread.py for why not to_thread)
+        self._io_thread = IOThread("agentjobs-journal")
         self._broken: BaseException | None = None
         self._pending: _Batch | None = None
         self._wakeup = trio.Event()
@@ -750,7 +906,8 @@ class Journal:
         self._written_seq = 0  # seq of the last line written to a file
         self._lock_fd: int | None = None
         # run id -> positions of its lines (file modes) or the lines (memory mode)
-        self._positions: dict[str, array[int]] = {}
+        # (packed in a `bytes` while short, an `array('q')` beyond: see _index_add)
+        self._positions: dict[str, Positions] = {}
         self._memory: dict[str, list[bytes]] = {}
         self._compacting = False
         self._generation = 0  # odd while compaction swaps files (see `history`)
@@ -808,8 +965,11 @@ class Journal:
             report.removed = prepare_directory(directory, fsync=self.hooks.fsync)
             gc_was_enabled = gc.isenabled()
             gc.disable()
+            built: dict[str, array[int]] = {}
             try:
-                res = scan(directory, on_replay, positions=self._positions, skip_stale=False)
+                res = scan(directory, on_replay, positions=built, skip_stale=False)
+                self._positions = {run: _shrink(arr) for run, arr in built.items()}
+                del built
             finally:
                 if gc_was_enabled:
                     gc.enable()
@@ -964,6 +1124,8 @@ class Journal:
             raise JournalError("the journal writer is already running")
         self._running = True
         self._writer_done = done = trio.Event()
+        if self.durability != "memory":
+            self._io_thread.start()
         task_status.started()
         try:
             while True:
@@ -989,8 +1151,16 @@ class Journal:
         finally:
             self._closed = True
             self._running = False
+            self._io_thread.stop()
             self._fail_pending(JournalClosed("journal writer stopped"))
             done.set()
+
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking IO off the event loop: in the writer's own thread while the writer
+        runs, else (a seal with no writer) in trio's thread cache."""
+        if self._io_thread.running:
+            return await self._io_thread.run_sync(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args)
 
     def _flush_deadline(self) -> float | None:
         """When lines written without waiting must be synced by (trio time), if any are.
@@ -1012,6 +1182,7 @@ class Journal:
     def _fail_pending(self, error: BaseException) -> None:
         batch, self._pending = self._pending, None
         if batch is not None:
+            batch.tickets = []
             batch.error = error
             batch.done.set()
         requests, self._seal_requests = self._seal_requests, []
@@ -1020,7 +1191,7 @@ class Journal:
             event.set()
 
     async def _commit_batch(self, batch: _Batch) -> None:
-        tickets = batch.tickets
+        tickets, batch.tickets = batch.tickets, []  # no batch <-> ticket cycle (see Ticket)
         ok = False
         try:
             if self._broken is not None:
@@ -1040,7 +1211,7 @@ class Journal:
                 )
                 rotate = self._size >= self.segment_bytes
                 if sync or (fsync and (rotate or self._rewrite)):
-                    start = await trio.to_thread.run_sync(self._io, buf, sync, rotate)
+                    start = await self._offload(self._io, buf, sync, rotate)
                 else:
                     start = self._io(buf, sync, rotate)
                 self._index(tickets, start)
@@ -1075,12 +1246,7 @@ class Journal:
         positions = self._positions
         pos = start
         for t in tickets:
-            run = t.event.run
-            p = positions.get(run)
-            if p is None:
-                positions[run] = array("q", (base | pos,))
-            else:
-                p.append(base | pos)
+            _index_add(positions, t.event.run, base | pos)
             pos += len(t.line)
 
     def _io(self, buf: bytes, sync: bool, rotate: bool) -> int:
@@ -1179,7 +1345,7 @@ class Journal:
     async def _flush(self) -> None:
         """Sync lines written without waiting (progress, output) after `flush_interval`."""
         try:
-            await trio.to_thread.run_sync(self._io, b"", True, False)
+            await self._offload(self._io, b"", True, False)
         except (OSError, JournalError) as exc:
             self._unsynced_since = trio.current_time()  # try again one interval later
             log.error("journal: background fsync failed (will retry): %s", exc)
@@ -1211,7 +1377,7 @@ class Journal:
         if self._broken is not None:
             raise JournalWriteError(f"journal is broken: {self._broken}")
         if self._size > self._header_len or self._rewrite:
-            await trio.to_thread.run_sync(self._io, b"", False, True)
+            await self._offload(self._io, b"", False, True)
             self._note_unsynced()
 
     async def _serve_seal_requests(self) -> None:
@@ -1269,7 +1435,9 @@ class Journal:
                 report.seconds = time.perf_counter() - started
                 return report
             conflict = [
-                r for r in drop if (p := self._positions.get(r)) and (p[-1] >> SEG_SHIFT) > last
+                r
+                for r in drop
+                if (p := self._positions.get(r)) and (_last_position(p) >> SEG_SHIFT) > last
             ]
             if conflict:  # pragma: no cover - the guard and the seal order prevent this
                 built.tmp_path.unlink(missing_ok=True)
@@ -1298,34 +1466,63 @@ class Journal:
     def _swap_positions(self, built: dict[str, array[int]], last: int) -> None:
         """Index = the compacted file's positions + whatever was written after `last`."""
         limit = ((last + 1) << SEG_SHIFT) - 1
-        merged: dict[str, array[int]] = {}
-        for run, arr in self._positions.items():
+        merged: dict[str, Positions] = {}
+        for run, held in self._positions.items():
             new = built.get(run)
-            if arr[-1] <= limit:
+            if _last_position(held) <= limit:
                 if new is not None:
-                    merged[run] = new
+                    merged[run] = _shrink(new)
                 continue
+            arr = _as_array(held)
             i = bisect.bisect_right(arr, limit)
             tail = arr[i:]
-            merged[run] = new + tail if new is not None else tail
+            merged[run] = _shrink(new + tail if new is not None else tail)
         self._positions = merged
 
     # -- reading history -----------------------------------------------------------------
 
-    def history(self, run: str, after_seq: int = 0) -> list[Event]:
-        """A run's events with seq > after_seq, oldest first, read back from the journal.
+    def history(self, run: str, after_seq: int = 0, limit: int | None = None) -> list[Event]:
+        """A run's events with seq > after_seq, oldest first, at most `limit` of them.
 
+        A page costs what it holds, not what came before it: the first line after
+        `after_seq` is found by binary search over the run's index (about log2(n) short
+        reads of a line's head), then only the lines of the page are read and decoded.
         Only events already committed (applied) are returned. Safe to call from a worker
         thread: a compaction swapping files underneath is detected (the index generation
         is odd while a swap is in progress and changes across it) and the read retried.
         """
+        if limit is not None and limit < 0:
+            raise ValueError("limit must not be negative")
+        return self._consistent(run, lambda: self._read_after(run, after_seq, limit))
+
+    def history_before(
+        self,
+        run: str,
+        before_seq: int,
+        limit: int | None = None,
+        types: Collection[EventType] | None = None,
+    ) -> list[Event]:
+        """The newest `limit` events of a run with seq < before_seq (only of `types`, if
+        given), oldest first.
+
+        For looking back from a point (an SSE stream resuming needs the run's progress as
+        of its resume point). Lines of other types are skipped after reading their head
+        only, so looking back past a long stretch of output costs a short read per line,
+        and memory for the events returned only.
+        """
+        if limit is not None and limit < 0:
+            raise ValueError("limit must not be negative")
+        wanted = None if types is None else frozenset(t.value for t in types)
+        return self._consistent(run, lambda: self._read_before(run, before_seq, limit, wanted))
+
+    def _consistent(self, run: str, read: Callable[[], list[Event]]) -> list[Event]:
         for _ in range(100):
             gen = self._generation
             if gen & 1:
                 time.sleep(0.0005)
                 continue
             try:
-                events = self._read_history(run, after_seq)
+                events = read()
             except (OSError, ValueError, JournalError):
                 if self._generation != gen:
                     continue
@@ -1334,37 +1531,36 @@ class Journal:
                 return events
         raise JournalError(f"history of {run}: the journal kept changing underneath")
 
-    def _read_history(self, run: str, after_seq: int) -> list[Event]:
-        out: list[Event] = []
-        for line in self._lines(run):
-            if not line.endswith(b"\n"):
-                raise JournalError(f"history of {run} is unavailable for now (write error)")
-            event = event_from_obj(decode_line(line[:-1]))
-            if event.run != run:
-                raise JournalError(f"history of {run}: index points at a line of {event.run}")
-            if event.seq > after_seq:
-                out.append(event)
-        return out
+    def _read_after(self, run: str, after_seq: int, limit: int | None) -> list[Event]:
+        with _RunLines(self, run) as lines:
+            n = len(lines)
+            i = lines.first_after(after_seq)
+            stop = n if limit is None else min(n, i + limit)
+            events = [lines.event(k) for k in range(i, stop)]
+        if events and events[0].seq <= after_seq:  # the heads searched are not checksummed
+            raise JournalError(f"history of {run}: line heads disagree with their lines")
+        return events
 
-    def _lines(self, run: str) -> Iterator[bytes]:
-        if self.durability == "memory":
-            yield from list(self._memory.get(run, ()))
-            return
-        positions = self._positions.get(run)
-        if not positions:
-            return
-        files: dict[int, Any] = {}
-        try:
-            for p in positions.tolist():
-                seg = p >> SEG_SHIFT
-                f = files.get(seg)
-                if f is None:
-                    f = files[seg] = open(self.segment_path(seg), "rb")  # noqa: SIM115
-                f.seek(p & _OFFSET_MASK)
-                yield f.readline()
-        finally:
-            for f in files.values():
-                f.close()
+    def _read_before(
+        self, run: str, before_seq: int, limit: int | None, wanted: frozenset[str] | None
+    ) -> list[Event]:
+        out: list[Event] = []
+        if limit == 0:
+            return out
+        with _RunLines(self, run) as lines:
+            for k in range(lines.first_after(before_seq - 1) - 1, -1, -1):
+                if wanted is not None:
+                    head = lines.head(k)
+                    if head is not None and head[1] not in wanted:
+                        continue
+                event = lines.event(k)
+                if wanted is not None and event.type.value not in wanted:
+                    continue
+                out.append(event)
+                if limit is not None and len(out) >= limit:
+                    break
+        out.reverse()
+        return out
 
     def runs_indexed(self) -> int:
         """How many runs have history in the index (for tests and metrics)."""

@@ -9,18 +9,28 @@ assigns to a `Run`.
 Timestamps are floats (seconds since the Unix epoch, UTC) inside the engine: cheap to store,
 compare and do arithmetic on. They become ISO-8601 strings with a `Z` only at the boundaries
 (HTTP, webhooks, `log inspect`), via `isoformat`.
+
+Memory: a server keeps every finished run until `--retention`, so what a run holds is paid
+100,000 times over. Hence `__slots__` without a `__weakref__` slot on the per-run classes,
+one shared read-only `EMPTY_CONFIG` for specs without a config, and shared `NO_PROGRESS` /
+`DONE_PROGRESS` for runs that never reported steps (see docs/benchmarks.md, optimisation
+note 5).
 """
 
 from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
 __all__ = [
+    "DONE_PROGRESS",
+    "EMPTY_CONFIG",
+    "NO_PROGRESS",
     "TERMINAL",
     "Event",
     "EventType",
@@ -77,12 +87,46 @@ def isoformat(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-@attrs.frozen(slots=True)
+class _EmptyConfig(dict[str, Any]):
+    """The one empty `config` every spec without a config shares (a `dict`, so orjson, cattrs
+    and `isinstance` checks see nothing new; 64 bytes per run saved). Shared means it must
+    never change: every mutator raises. Copy it (`dict(spec.config)`) to get a private one."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("RunSpec.config is shared and read-only; copy it with dict(...)")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __repr__(self) -> str:
+        return "{}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_empty_config, ())
+
+
+def _empty_config() -> dict[str, Any]:
+    return EMPTY_CONFIG
+
+
+EMPTY_CONFIG: dict[str, Any] = _EmptyConfig()
+
+
+def _config(value: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Any empty config becomes the shared `EMPTY_CONFIG`; a non-empty one is kept as given."""
+    if not value:
+        return EMPTY_CONFIG
+    return value if isinstance(value, dict) else dict(value)
+
+
+@attrs.frozen(slots=True, weakref_slot=False)
 class RunSpec:
     """What the caller asked for; fixed at submit and written whole in the `submitted` event."""
 
     prompt: str
-    config: dict[str, Any] = attrs.field(factory=dict)
+    config: dict[str, Any] = attrs.field(default=EMPTY_CONFIG, converter=_config)
     session_id: str | None = None
     priority: int = 0
     timeout: float | None = None  # seconds of running before the run fails as timed out
@@ -95,7 +139,7 @@ class RunSpec:
     ttl: float | None = None  # seconds a run may wait in the queue before it expires
 
 
-@attrs.frozen(slots=True)
+@attrs.frozen(slots=True, weakref_slot=False)
 class Progress:
     percentage: float = 0.0
     step: str | None = None
@@ -103,7 +147,10 @@ class Progress:
     steps_total: int | None = None
 
 
+# Frozen, so runs may share them: a run that never reported a step holds one of these two
+# rather than a Progress of its own (72 bytes per finished run).
 NO_PROGRESS = Progress()
+DONE_PROGRESS = Progress(100.0)
 
 
 @attrs.frozen(slots=True)
@@ -117,7 +164,7 @@ class Event:
     data: dict[str, Any]
 
 
-@attrs.define(slots=True)
+@attrs.define(slots=True, weakref_slot=False)
 class WebhookState:
     """Delivery bookkeeping for a run's terminal webhook, folded from webhook events."""
 
@@ -129,7 +176,7 @@ class WebhookState:
     last_error: str | None = None
 
 
-@attrs.define(slots=True, eq=True)
+@attrs.define(slots=True, eq=True, weakref_slot=False)
 class Run:
     """The folded state of one run. Mutated only by `state.apply`."""
 

@@ -14,11 +14,18 @@ Indexes kept alongside the runs, each updated by the same fold:
 * `by_status`, `by_session`: id sets for filtered listing and counts.
 * `idempotency`: (tenant, key) -> run id. Expiry is judged at lookup time against a `now`
   the caller supplies; compaction forgets expired keys for good.
+
+Memory (every finished run is kept until `--retention`): a CPython dict never gives its
+table back when entries are deleted, so the indexes that empty out again (`by_status`'s
+queued and running sets after a burst, everything after compaction) are shrunk in place by
+`shrink_dict` now and then. Strings repeated across runs (tenant, runner, session id, error
+kind) are shared through a small bounded cache instead of one decoded copy per run.
 """
 
 from __future__ import annotations
 
 import bisect
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,6 +33,7 @@ import attrs
 
 from . import machine
 from .model import (
+    DONE_PROGRESS,
     NO_PROGRESS,
     TERMINAL,
     Event,
@@ -37,9 +45,52 @@ from .model import (
     WebhookState,
 )
 
-__all__ = ["State", "apply", "replay", "spec_from_data", "spec_to_data"]
+__all__ = ["State", "apply", "replay", "shrink_dict", "spec_from_data", "spec_to_data"]
 
 E = EventType
+
+# A dict is shrunk once its table takes more than this many bytes per live entry plus
+# `_SHRINK_SLACK`: a freshly built dict needs at most ~75 (str keys; 110 for tuple keys)
+# bytes per entry, so only one that was several times bigger and emptied out is rebuilt.
+_SHRINK_BYTES_PER_ENTRY = 256
+_SHRINK_SLACK = 16_384
+# `apply` looks at the status sets for shrinking after this many removals from them.
+_SHRINK_EVERY = 4096
+
+
+def shrink_dict(d: dict[Any, Any]) -> bool:
+    """Give back the table of a dict that emptied out (in place, so references stay live).
+
+    CPython only resizes a dict when an insert finds it full, so a set of queued run ids
+    that held 100,000 runs during a burst keeps ~4 MB after they have all started, for
+    good if no new burst comes. O(1) when the dict is fine; O(len) when it is rebuilt, which
+    only happens once it is mostly empty, so the cost is amortised over the removals.
+    """
+    if sys.getsizeof(d) <= _SHRINK_BYTES_PER_ENTRY * len(d) + _SHRINK_SLACK:
+        return False
+    live = dict(d)  # sized for what is left
+    d.clear()  # frees the old table
+    d.update(live)  # takes the compact copy's table
+    return True
+
+
+# Strings that recur across runs (tenant, runner, session id, error kind) arrive decoded
+# from JSON, one copy per run; runs share one copy through this cache instead. Bounded by
+# starting afresh when full, so unbounded inputs (session ids) cannot grow it.
+_SHARED: dict[str, str] = {}
+_SHARED_MAX = 4096
+
+
+def _shared(text: Any) -> Any:
+    if type(text) is not str:
+        return text
+    found = _SHARED.get(text)
+    if found is not None:
+        return found
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    _SHARED[text] = text
+    return text
 
 
 @attrs.define(slots=True, eq=False)
@@ -52,6 +103,7 @@ class State:
     idempotency: dict[tuple[str | None, str], str] = attrs.Factory(dict)
     last_seq: int = 0
     deleted_in_order: int = 0
+    removed: int = 0  # removals from `by_status` since its sets were last checked for shrinking
 
     # -- queries ---------------------------------------------------------------------
 
@@ -104,11 +156,22 @@ class State:
             yield run
 
     def vacuum(self) -> None:
-        """Drop deleted runs from the creation-order index (amortised, after many deletes)."""
+        """Drop deleted runs from the creation-order index (amortised, after many deletes),
+        and give back the table space of the indexes they emptied."""
         if self.deleted_in_order:
             self.order = [r for r in self.order if r.id in self.runs]
             self.order_seqs = [r.seq for r in self.order]
             self.deleted_in_order = 0
+            shrink_dict(self.runs)
+            shrink_dict(self.by_session)
+            shrink_dict(self.idempotency)
+            self.shrink_status_sets()
+
+    def shrink_status_sets(self) -> None:
+        """Give back the table space of `by_status` sets that emptied out."""
+        self.removed = 0
+        for ids in self.by_status.values():
+            shrink_dict(ids)
 
 
 def _spec_defaults() -> tuple[tuple[str, Any], ...]:
@@ -129,12 +192,38 @@ def spec_to_data(spec: RunSpec) -> dict[str, Any]:
     return data
 
 
+_SHARED_SPEC_FIELDS = ("session_id", "runner", "tenant")
+
+
 def spec_from_data(data: dict[str, Any]) -> RunSpec:
+    if len(data) > 1:  # more than the prompt: share the strings that recur across runs
+        canonical: dict[str, Any] | None = None
+        for name in _SHARED_SPEC_FIELDS:
+            value = data.get(name)
+            if value is not None and (shared := _shared(value)) is not value:
+                if canonical is None:
+                    canonical = dict(data)  # the event's own data is left as it is
+                canonical[name] = shared
+        if canonical is not None:
+            return RunSpec(**canonical)
     return RunSpec(**data)
 
 
 def _remove_index(state: State, run: Run) -> None:
-    state.by_status[run.status].pop(run.id, None)
+    ids = state.by_status[run.status]
+    ids.pop(run.id, None)
+    _removed(state, ids)
+
+
+def _removed(state: State, ids: dict[str, None]) -> None:
+    """Bookkeeping after a removal from the status set `ids`: shrink it if it emptied
+    (a drained burst, O(1) to check), and every `_SHRINK_EVERY` removals look at them all
+    (a burst that drained down to a few)."""
+    if not ids:
+        shrink_dict(ids)
+    state.removed += 1
+    if state.removed >= _SHRINK_EVERY:
+        state.shrink_status_sets()
 
 
 def apply(state: State, event: Event) -> State:
@@ -184,9 +273,11 @@ def apply(state: State, event: Event) -> State:
     assert after is not None
     if after is not before:
         assert before is not None
-        state.by_status[before].pop(run.id, None)
+        ids = state.by_status[before]
+        ids.pop(run.id, None)
         state.by_status[after][run.id] = None
         run.status = after
+        _removed(state, ids)
 
     if etype is E.STARTED:
         run.attempt = data.get("attempt", run.attempt + 1)
@@ -212,11 +303,14 @@ def apply(state: State, event: Event) -> State:
         run.metrics = data.get("metrics")
         run.completed_at = event.ts
         old = run.progress
-        run.progress = Progress(100.0, old.step, old.steps_completed, old.steps_total)
+        if old.step is None and old.steps_completed == 0 and old.steps_total is None:
+            run.progress = DONE_PROGRESS  # shared (frozen): no steps were reported
+        else:
+            run.progress = Progress(100.0, old.step, old.steps_completed, old.steps_total)
         _finish(run)
     elif etype is E.FAILED:
         run.error = data.get("error")
-        run.error_kind = data.get("kind", "error")
+        run.error_kind = _shared(data.get("kind", "error"))
         run.metrics = data.get("metrics", run.metrics)
         run.completed_at = event.ts
         _finish(run)
@@ -227,7 +321,7 @@ def apply(state: State, event: Event) -> State:
         _finish(run)
     elif etype is E.RETRYING:
         run.error = data.get("error")
-        run.error_kind = data.get("kind", "error")
+        run.error_kind = _shared(data.get("kind", "error"))
         run.not_before = data.get("not_before")
     elif etype is E.REQUEUED:
         run.not_before = None

@@ -39,7 +39,7 @@ from .actor import Actor, Cancel, Shutdown
 from .journal import Journal, JournalClosed, JournalError, JournalWriteError
 from .model import EventType, Run, Status
 from .runners import Runner, SessionTurn
-from .state import State
+from .state import State, shrink_dict
 
 if TYPE_CHECKING:
     from ._engine import EngineConfig
@@ -87,6 +87,7 @@ class Supervisor:
         self.started_total = 0
         self._ready: list[Entry] = []  # heap of runs that may start now (may hold stale)
         self._queued: dict[str, Entry] = {}  # every live queued run -> its current entry
+        self._dequeued = 0  # removals from `_queued` since it was last checked for shrinking
         self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, run id)
         self._expiry: list[tuple[float, str]] = []  # (expires at, run id)
         self._sessions: dict[str, _Session] = {}
@@ -158,10 +159,20 @@ class Supervisor:
         interval = (trio.current_time() - times[0]) / len(times)
         return float(min(60, max(1, math.ceil(interval))))
 
+    def _shrink_queue(self) -> None:
+        """Give back the tables of `_queued`, `_hold` and `_sessions` once a burst has
+        drained: a dict keeps its peak size otherwise (~40 bytes per run of the largest
+        queue ever seen)."""
+        self._dequeued = 0
+        shrink_dict(self._queued)
+        shrink_dict(self._hold)
+        shrink_dict(self._sessions)
+
     def take_queued(self, run_id: str) -> bool:
         """Take a queued run out of the queue (for cancel/expiry). False if it is not queued."""
         if self._queued.pop(run_id, None) is None:
             return False
+        self._dequeued += 1
         if self._hold:
             self._hold.pop(run_id, None)
         run = self.state.runs.get(run_id)
@@ -267,6 +278,7 @@ class Supervisor:
             if queued.get(run_id) is not entry:
                 continue  # cancelled, expired, or re-queued under a newer entry
             del queued[run_id]
+            self._dequeued += 1
             if self._hold:
                 self._hold.pop(run_id, None)
             run = runs[run_id]
@@ -275,6 +287,8 @@ class Supervisor:
                 session.admitted.discard(run_id)
                 session.running += 1
             self._start(run)
+        if self._dequeued >= 4096 or (self._dequeued and not queued):
+            self._shrink_queue()  # O(1) unless a dict is mostly empty space
 
     def _start(self, run: Run) -> None:
         name = run.spec.runner or self.default_runner

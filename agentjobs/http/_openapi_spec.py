@@ -166,6 +166,7 @@ SPEC_JSON = r"""
             "schema": {
               "type": "integer",
               "minimum": 1,
+              "maximum": 9007199254740991,
               "default": 1
             }
           },
@@ -196,6 +197,59 @@ SPEC_JSON = r"""
           },
           "422": {
             "$ref": "#/components/responses/Problem"
+          }
+        }
+      }
+    },
+    "/api/v1/runs/batch": {
+      "post": {
+        "tags": [
+          "runs"
+        ],
+        "operationId": "submitRunBatch",
+        "summary": "Submit many runs in one request",
+        "description": "Each item of `runs` is exactly a `POST /api/v1/runs` body, validated the same way;\nitems are independent (a refused item has its problem in `results` and does not\nstop the others). Every new run of the batch is recorded in one group commit (one\nwrite, one fsync) before the answer. Idempotency is per item (its own\n`idempotency_key`; the same key twice in one batch makes the second a replay of\nthe first, or a conflict); the `Idempotency-Key` header is refused (422). The\nbatch as a whole is refused, with nothing written, when its shape is wrong (422),\nit is too large (413, `--max-batch-bytes`), the queue cannot take all its new runs\n(503), the tenant's rate or quota cannot (429, a batch of N counting as N\nsubmits), or storage fails (503).\n",
+        "requestBody": {
+          "required": true,
+          "content": {
+            "application/json": {
+              "schema": {
+                "$ref": "#/components/schemas/BatchRequest"
+              }
+            }
+          }
+        },
+        "responses": {
+          "200": {
+            "description": "One result per item, in order.",
+            "content": {
+              "application/json": {
+                "schema": {
+                  "$ref": "#/components/schemas/BatchResponse"
+                }
+              }
+            }
+          },
+          "400": {
+            "$ref": "#/components/responses/Problem"
+          },
+          "401": {
+            "$ref": "#/components/responses/Unauthorized"
+          },
+          "413": {
+            "$ref": "#/components/responses/Problem"
+          },
+          "415": {
+            "$ref": "#/components/responses/Problem"
+          },
+          "422": {
+            "$ref": "#/components/responses/Problem"
+          },
+          "429": {
+            "$ref": "#/components/responses/RateLimited"
+          },
+          "503": {
+            "$ref": "#/components/responses/RetryableProblem"
           }
         }
       }
@@ -888,6 +942,8 @@ SPEC_JSON = r"""
               "integer",
               "null"
             ],
+            "minimum": -9007199254740992,
+            "maximum": 9007199254740992,
             "description": "Higher starts first; default 0."
           },
           "max_attempts": {
@@ -968,6 +1024,122 @@ SPEC_JSON = r"""
           },
           "stream_url": {
             "type": "string"
+          }
+        }
+      },
+      "BatchRequest": {
+        "type": "object",
+        "required": [
+          "runs"
+        ],
+        "additionalProperties": false,
+        "properties": {
+          "runs": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1000,
+            "description": "Submit bodies, at most `--max-batch` (default 1000). Each is validated on its\nown: an invalid item is answered in its result (422 there), not by refusing\nthe batch.\n",
+            "items": {
+              "$ref": "#/components/schemas/SubmitRequest"
+            }
+          }
+        }
+      },
+      "BatchResponse": {
+        "type": "object",
+        "required": [
+          "accepted",
+          "rejected",
+          "results"
+        ],
+        "properties": {
+          "accepted": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Items answered 202 (new runs and replays)."
+          },
+          "rejected": {
+            "type": "integer",
+            "minimum": 0
+          },
+          "results": {
+            "type": "array",
+            "items": {
+              "oneOf": [
+                {
+                  "$ref": "#/components/schemas/BatchAccepted"
+                },
+                {
+                  "$ref": "#/components/schemas/BatchRejected"
+                }
+              ]
+            }
+          }
+        }
+      },
+      "BatchAccepted": {
+        "type": "object",
+        "required": [
+          "index",
+          "status",
+          "job_id",
+          "job_status",
+          "created_at",
+          "poll_url",
+          "stream_url",
+          "replayed"
+        ],
+        "properties": {
+          "index": {
+            "type": "integer",
+            "minimum": 0
+          },
+          "status": {
+            "type": "integer",
+            "enum": [
+              202
+            ]
+          },
+          "job_id": {
+            "$ref": "#/components/schemas/JobId"
+          },
+          "job_status": {
+            "$ref": "#/components/schemas/Status"
+          },
+          "created_at": {
+            "$ref": "#/components/schemas/Timestamp"
+          },
+          "poll_url": {
+            "type": "string"
+          },
+          "stream_url": {
+            "type": "string"
+          },
+          "replayed": {
+            "type": "boolean",
+            "description": "`true` when the item's key returned an earlier run."
+          }
+        }
+      },
+      "BatchRejected": {
+        "type": "object",
+        "required": [
+          "index",
+          "status",
+          "problem"
+        ],
+        "properties": {
+          "index": {
+            "type": "integer",
+            "minimum": 0
+          },
+          "status": {
+            "type": "integer",
+            "minimum": 400,
+            "maximum": 499
+          },
+          "problem": {
+            "$ref": "#/components/schemas/Problem"
           }
         }
       },

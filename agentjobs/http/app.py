@@ -10,10 +10,13 @@ configured. The engine answers `NotFound` for another tenant's run, so isolation
 depend on each handler. `current_tenant()` raises when the hook did not run, so a route
 that somehow escaped it fails closed (500) instead of acting as the anonymous tenant.
 
-Layers, outside in: `CorsHeaders` (when CORS is on) -> `RequestGuard` (body limit, clean
-connection reuse) -> `CorsPreflight` (preflights answered before auth) -> quart, whose
-`before_request` hook authenticates. Per-tenant limits (quotas.py) are checked in the
-handlers, before the engine writes anything.
+Layers, outside in: `CorsHeaders` (when CORS is on) -> `FastPath` (submit, status and
+result answered without quart, unless `--no-fast-path`; _fastpath.py) -> `RequestGuard`
+(body limit, clean connection reuse) -> `CorsPreflight` (preflights answered before auth)
+-> quart, whose `before_request` hook authenticates. Per-tenant limits (quotas.py) are
+checked in the handlers, before the engine writes anything. Submit, status, result and
+authentication live in _handlers.py, called by both the quart routes and the fast path,
+so that both answer alike.
 """
 
 from __future__ import annotations
@@ -24,26 +27,36 @@ from typing import Any
 
 import attrs
 import orjson
-import trio
 from quart import Quart, Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .. import __version__
-from ..engine import Engine, EngineError, InvalidRequest, NotFinished, Status
+from ..engine import Engine, EngineError, InvalidRequest, Status
 from ..engine.outbox import Outbox, delivery_history
-from ..engine.ssrf import UnsafeWebhookURL
+from . import batch as batch_api
 from . import prometheus
+from ._fastpath import FastPath
+from ._handlers import (
+    Answer,
+    handle_result,
+    handle_status,
+    handle_submit,
+    is_json,
+    problem_for,
+    unauthorized,
+)
+from ._handlers import authenticate as authenticate_request
 from .auth import Credential, KeyRing, presented_key
 from .cors import CorsHeaders, CorsPolicy, CorsPreflight
-from .errors import FieldError, Problem, from_engine_error, problem_response, validation
+from .errors import Problem, problem_response
 from .limits import RequestGuard
 from .openapi import spec_bytes
 from .quotas import ActiveRuns, LimitExceeded, StreamSlots, SubmitRate
-from .schemas import IDEMPOTENCY_HEADER, int_param, parse_list_query, parse_submit, parse_wait
+from .schemas import IDEMPOTENCY_HEADER, int_param, parse_list_query
 from .settings import ServerSettings
-from .sse import EventStreamBody, FrameBuilder, StreamHub, parse_resume
-from .views import RUNS_PATH, Urls, result_view, retry_after, status_view, submit_view
+from .sse import HISTORY_PAGE, EventStreamBody, StreamHub, parse_resume, resume_builder
+from .views import RUNS_PATH, Urls, status_view
 
 __all__ = ["AppState", "create_app", "current_tenant", "state_of"]
 
@@ -93,6 +106,7 @@ class AppState:
     stream_slots: StreamSlots | None = None
     rejected: dict[str, int] = attrs.Factory(lambda: dict.fromkeys(REJECTION_REASONS, 0))
     started: float = attrs.Factory(time.time)
+    fast_path: FastPath | None = None  # None with --no-fast-path
 
 
 def state_of(app: Quart) -> AppState:
@@ -104,8 +118,17 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(body), status=status, headers=headers, content_type=_JSON)
 
 
-def _is_json(mimetype: str) -> bool:
-    return mimetype == _JSON or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+_is_json = is_json
+
+
+def _respond(answer: Answer) -> Response:
+    """An `Answer` (_handlers.py) as quart's response; the fast path sends the same bytes."""
+    return Response(
+        answer.body,
+        status=answer.status,
+        headers=dict(answer.headers),
+        content_type=answer.content_type,
+    )
 
 
 def create_app(
@@ -121,18 +144,12 @@ def create_app(
     keyring = settings.keyring()
     cors = settings.cors_policy()
     app = QuartTrio("agentjobs")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # RequestGuard holds each path to its limit; quart's own check only backs it up.
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, settings.max_batch_bytes)
     app.config["JSON_SORT_KEYS"] = False
     # Long-polls wait up to max_wait; streams switch the timeout off for themselves.
     app.config["RESPONSE_TIMEOUT"] = max(60.0, settings.max_wait + settings.cancel_wait + 30.0)
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
-    asgi: Any = app.asgi_app
-    if cors is not None:
-        asgi = CorsPreflight(asgi, cors)
-    asgi = RequestGuard(asgi, settings.max_body_bytes)
-    if cors is not None:
-        asgi = CorsHeaders(asgi, cors)
-    app.asgi_app = asgi  # type: ignore[method-assign]
     state = AppState(
         engine,
         settings,
@@ -158,8 +175,19 @@ def create_app(
         ),
     )
     app.extensions[_EXTENSION_KEY] = state
+    asgi: Any = app.asgi_app
+    if cors is not None:
+        asgi = CorsPreflight(asgi, cors)
+    batch_limits = dict.fromkeys(
+        (batch_api.BATCH_PATH, batch_api.BATCH_PATH + "/"), settings.max_batch_bytes
+    )
+    asgi = RequestGuard(asgi, settings.max_body_bytes, batch_limits)
+    if settings.fast_path:  # submit, status and result without quart (_fastpath.py)
+        asgi = state.fast_path = FastPath(asgi, state)
+    if cors is not None:
+        asgi = CorsHeaders(asgi, cors)
+    app.asgi_app = asgi  # type: ignore[method-assign]
     hub = state.hub
-    urls = state.urls
     rejected = state.rejected
 
     def now() -> float:
@@ -167,13 +195,8 @@ def create_app(
 
     # -- authentication -------------------------------------------------------------------
 
-    def unauthorized(detail: str, presented: bool) -> Problem:
-        rejected["unauthorized"] += 1
-        log.debug("401 for %s %s: %s", request.method, request.path, detail)
-        challenge = 'Bearer realm="agentjobs"'
-        if presented:
-            challenge += ', error="invalid_token"'
-        return Problem("unauthorized", detail, headers={"WWW-Authenticate": challenge})
+    def refuse(detail: str, presented: bool) -> Problem:
+        return unauthorized(state, detail, presented, request.method, request.path)
 
     def request_key(query_key: str | None = None) -> Credential:
         headers = request.headers
@@ -204,7 +227,7 @@ def create_app(
             if not may_see_figures():
                 cred = request_key()
                 what = "the metrics key" if keyring.metrics_digest is not None else "an API key"
-                raise unauthorized(
+                raise refuse(
                     f"{request.path} needs {what} (Authorization: Bearer <key> or X-API-Key)",
                     presented=cred.key is not None,
                 )
@@ -212,47 +235,36 @@ def create_app(
         if not keyring.enabled:
             setattr(g, _TENANT, None)
             return
-        query_key = request.args.get("api_key")
-        allow_query = settings.sse_query_key and endpoint == "stream"
-        cred = request_key(query_key if allow_query else None)
-        if cred.problem is not None:
-            raise unauthorized(cred.problem, presented=True)
-        if cred.key is None:
-            if query_key is not None:
-                raise unauthorized(
-                    "?api_key= is accepted only on GET .../stream, and only when the server "
-                    "runs with --sse-query-key; send Authorization: Bearer <key> or X-API-Key",
-                    presented=False,
-                )
-            raise unauthorized(
-                "an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>",
-                presented=False,
-            )
-        tenant = keyring.tenant_for(cred.key)
-        if tenant is None:
-            raise unauthorized("the API key is not valid", presented=True)
+        headers = request.headers
+        tenant = authenticate_request(  # the fast path authenticates with the same function
+            state,
+            authorization=headers.get("Authorization"),
+            x_api_key=headers.get("X-API-Key"),
+            query_key=request.args.get("api_key"),
+            allow_query=settings.sse_query_key and endpoint == "stream",
+            method=request.method,
+            path=request.path,
+        )
         setattr(g, _TENANT, tenant)
 
     # -- errors ---------------------------------------------------------------------------
 
     @app.errorhandler(LimitExceeded)
     async def on_limit(exc: LimitExceeded) -> Response:
-        rejected[exc.limit] += 1
-        problem = Problem(
-            "rate-limited",
-            exc.detail,
-            headers={"Retry-After": str(exc.retry_after)},
-            extra={"limit": exc.limit},
-        )
-        return problem_response(problem, request.path)
+        return on_error(exc)
 
     @app.errorhandler(Problem)
     async def on_problem(exc: Problem) -> Response:
-        return problem_response(exc, request.path)
+        return on_error(exc)
 
     @app.errorhandler(EngineError)
     async def on_engine_error(exc: EngineError) -> Response:
-        return problem_response(from_engine_error(exc), request.path)
+        return on_error(exc)
+
+    def on_error(exc: Exception) -> Response:
+        """Errors as the fast path answers them: one mapping (`problem_for`)."""
+        problem = problem_for(exc, state, request.method, request.path)
+        return _respond(Answer.problem(problem, request.path))
 
     @app.errorhandler(HTTPException)
     async def on_http_error(exc: HTTPException) -> Response:
@@ -276,11 +288,7 @@ def create_app(
 
     @app.errorhandler(Exception)
     async def on_unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        problem = Problem(
-            "internal-error", f"unexpected {type(exc).__name__}; the server log has details"
-        )
-        return problem_response(problem, request.path)
+        return on_error(exc)
 
     def _too_large() -> Problem:
         return Problem(
@@ -290,61 +298,24 @@ def create_app(
 
     # -- runs -----------------------------------------------------------------------------
 
-    def is_replay(tenant: str | None, key: str | None) -> bool:
-        """Would this submit be answered with an earlier run (no new work)?"""
-        if key is None:
-            return False
-        found = engine.state.find_idempotent(
-            tenant, key, now=engine.wall(), window=engine.config.idempotency_window_s
-        )
-        return found is not None
+    # submit, get_run and get_result are _handlers.py's, shared with the fast path.
 
     async def submit() -> Response:
-        tenant = current_tenant()
-        if state.submit_rate is not None:
-            # First, before the body is even read: the cheapest refusal protects the rest.
-            state.submit_rate.take(tenant)
-        if not _is_json(request.mimetype):
-            got = request.content_type or "none"
-            raise Problem(
-                "unsupported-media-type",
-                f"send the body as JSON with Content-Type: application/json (got {got})",
-            )
-        try:
-            raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-        except RequestEntityTooLarge:
-            raise _too_large() from None
-        parsed = parse_submit(raw, request.headers.get(IDEMPOTENCY_HEADER))
-        body = parsed.body
-        if body.webhook_url is not None and outbox is not None:
-            try:  # resolves the host (asynchronously): where would the delivery go?
-                await outbox.check(body.webhook_url)
-            except UnsafeWebhookURL as exc:
-                raise validation([FieldError("webhook_url", exc.reason)]) from None
-        spec = engine.make_spec(
-            body.prompt,
-            config=body.config,
-            session_id=body.session_id,
-            priority=body.priority or 0,
-            timeout=body.timeout,
-            max_attempts=body.max_attempts,
-            runner=body.runner,
-            webhook_url=body.webhook_url,
-            idempotency_key=parsed.idempotency_key,
-            request_hash=parsed.request_hash,
-            tenant=tenant,
-            ttl=body.ttl,
+        async def read_body() -> bytes:
+            try:
+                return await request.get_data(cache=False, as_text=False, parse_form_data=False)
+            except RequestEntityTooLarge:
+                raise _too_large() from None
+
+        headers = request.headers
+        answer = await handle_submit(
+            state,
+            current_tenant(),
+            content_type=headers.get("Content-Type"),
+            idempotency_key=headers.get(IDEMPOTENCY_HEADER),
+            read_body=read_body,
         )
-        active = state.active_runs
-        if active is not None and not is_replay(tenant, parsed.idempotency_key):
-            with active.reserve(tenant):  # 429 here: nothing was written
-                run, replayed = await engine.submit_spec(spec)
-        else:
-            run, replayed = await engine.submit_spec(spec)
-        headers = {"Location": urls.run(run.id), "Retry-After": "2"}
-        if replayed:
-            headers["Idempotent-Replayed"] = "true"
-        return _json(submit_view(run, urls), 202, headers)
+        return _respond(answer)
 
     async def list_runs() -> Response:
         q = parse_list_query(request.args, _STATUSES)
@@ -377,30 +348,36 @@ def create_app(
         app.add_url_rule(path, "submit" + path, submit, methods=["POST"])
         app.add_url_rule(path, "list" + path, list_runs, methods=["GET"])
 
+    async def submit_batch() -> Response:
+        """Many submits, one group commit (batch.py has the rules)."""
+        tenant = current_tenant()
+        if state.submit_rate is not None:
+            state.submit_rate.take(tenant)  # one token now; the rest once the items are counted
+        if request.headers.get(IDEMPOTENCY_HEADER) is not None:
+            raise batch_api.header_refused()
+        if not _is_json(request.mimetype):
+            got = request.content_type or "none"
+            raise Problem(
+                "unsupported-media-type",
+                f"send the body as JSON with Content-Type: application/json (got {got})",
+            )
+        try:
+            raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        except RequestEntityTooLarge:
+            raise batch_api.too_large(settings.max_batch_bytes) from None
+        return _json(await batch_api.submit_batch(state, tenant, raw))
+
+    for path in (batch_api.BATCH_PATH, batch_api.BATCH_PATH + "/"):
+        app.add_url_rule(path, "submit_batch" + path, submit_batch, methods=["POST"])
+
     @app.get(RUNS_PATH + "/<run_id>")
     async def get_run(run_id: str) -> Response:
-        run = engine.get(run_id, tenant=current_tenant())
-        return _json(status_view(run, now(), engine.default_runner))
+        return _respond(handle_status(state, current_tenant(), run_id))
 
     @app.get(RUNS_PATH + "/<run_id>/result")
     async def get_result(run_id: str) -> Response:
-        tenant = current_tenant()
-        wait = parse_wait(request.args.get("wait"), settings.max_wait)
-        run = engine.get(run_id, tenant=tenant)
-        if not run.finished and wait > 0 and not hub.shutting_down.is_set():
-            scope = trio.CancelScope()
-            hub.add_poll(scope)  # cancelled on shutdown: answer now rather than hang
-            try:
-                with scope:
-                    await engine.wait(run_id, wait, tenant=tenant)
-            finally:
-                hub.remove_poll(scope)
-            run = engine.get(run_id, tenant=tenant)
-        if not run.finished:
-            problem = from_engine_error(NotFinished(run_id, run.status.value))
-            problem.headers["Retry-After"] = str(retry_after(run, now()) or 2)
-            raise problem
-        return _json(result_view(run))
+        answer = await handle_result(state, current_tenant(), run_id, request.args.get("wait"))
+        return _respond(answer)
 
     @app.get(RUNS_PATH + "/<run_id>/stream")
     async def stream(run_id: str) -> Response:
@@ -418,16 +395,21 @@ def create_app(
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if request.method == "HEAD":  # quart would iterate the body until the run ends
             return Response(b"", status=200, content_type=_SSE, headers=headers)
+        # Read only what comes after the resume point; the progress folded up to it is
+        # looked up backwards (from memory for a live run).
+        start = resume.start_after
+        builder = await resume_builder(engine, run_id, start, tenant=tenant)
         slot = state.stream_slots.acquire(tenant) if state.stream_slots is not None else None
         try:
             body = EventStreamBody(
                 job_id=run_id,
-                events=engine.subscribe(run_id, 0, tenant=tenant),
+                events=engine.subscribe(run_id, start, tenant=tenant),
                 resume=resume,
                 hub=hub,
                 nursery=app.nursery,
                 heartbeat_s=settings.sse_heartbeat,
                 on_close=slot.release if slot is not None else None,
+                builder=builder,
             )
         except BaseException:
             if slot is not None:
@@ -445,25 +427,32 @@ def create_app(
         resume = parse_resume(None, request.args.get("after"))
         limit = int_param(request.args, "limit", 1, MAX_EVENTS_PAGE) or 100
         run = engine.get(run_id, tenant=tenant)
-        history = await engine.events(run_id, 0, tenant=tenant)
-        builder = FrameBuilder(run_id)
+        # Paged: the events after the resume point, a page at a time (one more frame than
+        # asked for says whether there is more), never the run's whole history.
+        after = resume.start_after
+        builder = await resume_builder(engine, run_id, after, tenant=tenant)
+        page_size = min(HISTORY_PAGE, limit + 1)
         items: list[dict[str, Any]] = []
         more = False
-        for ev in history:
-            frames = builder.frames(ev)
-            n = len(frames)
-            for i, (name, data) in enumerate(frames, start=1):
-                last = i == n
-                if resume.seen(ev.seq, i, last):
-                    continue
-                if len(items) == limit:
-                    more = True
+        while not more:
+            page = await engine.events(run_id, after, tenant=tenant, limit=page_size)
+            for ev in page:
+                frames = builder.frames(ev)
+                n = len(frames)
+                for i, (name, data) in enumerate(frames, start=1):
+                    last = i == n
+                    if resume.seen(ev.seq, i, last):
+                        continue
+                    if len(items) == limit:
+                        more = True
+                        break
+                    frame_id = str(ev.seq) if last else f"{ev.seq}.{i}"
+                    items.append({"id": frame_id, "event": name, "data": data})
+                if more:
                     break
-                items.append(
-                    {"id": str(ev.seq) if last else f"{ev.seq}.{i}", "event": name, "data": data}
-                )
-            if more:
+            if len(page) < page_size:
                 break
+            after = page[-1].seq
         next_after = items[-1]["id"] if items else (request.args.get("after") or "0")
         return _json(
             {

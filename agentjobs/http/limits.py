@@ -15,11 +15,14 @@ is read. A body without one (chunked) is counted as it arrives; past the limit t
 told the client went away (so it stops reading at once) and the 413 is sent from here. A
 413 closes the connection (`Connection: close`): the unread rest of the body makes it
 unusable for a next request anyway.
+
+`read_rest`, `finish_response` and `refusal` are also the fast path's (_fastpath.py), so
+that its answers drain and refuse bodies exactly as the guard does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -27,7 +30,7 @@ import trio
 
 from .errors import PROBLEM_CONTENT_TYPE, Problem
 
-__all__ = ["RequestGuard"]
+__all__ = ["RequestGuard", "content_length", "finish_response", "read_rest", "refusal"]
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -38,17 +41,24 @@ _DRAIN_S = 5.0  # longest we read and drop a client's unwanted body after answer
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    """`limit` applies to every path but those in `path_limits` (exact paths), which have
+    their own (`POST /api/v1/runs/batch`: `--max-batch-bytes`)."""
+
+    def __init__(
+        self, app: ASGIApp, limit: int, path_limits: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.limit:
-            await self._finish(receive, send, _refusal(scope, self.limit), body_done=False)
+        limit = self.path_limits.get(scope.get("path", ""), self.limit)
+        declared = content_length(scope)
+        if declared is not None and declared > limit:
+            await finish_response(receive, send, refusal(scope, limit), body_done=False)
             return
 
         received = 0
@@ -64,7 +74,7 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     overflow = True
                     return {"type": "http.disconnect"}
                 if not message.get("more_body", False):
@@ -84,54 +94,59 @@ class RequestGuard:
 
         await self.app(scope, guarded_receive, deferring_send)
         if overflow and not started:
-            await self._finish(receive, send, _refusal(scope, self.limit), body_done=False)
+            await finish_response(receive, send, refusal(scope, limit), body_done=False)
         elif last:
             if not body_done:
                 # The app ignored (part of) the body: read the rest so that the connection
                 # can serve the client's next request, as the response did not say it closes.
-                outcome = await self._read_rest(receive)
+                outcome = await read_rest(receive, limit)
                 if outcome == "gone":
                     return
                 body_done = outcome == "done"
-            await self._finish(receive, send, last, body_done=body_done)
-
-    async def _read_rest(self, receive: Receive) -> str:
-        """Drop the rest of the request body: "done", "gone" (client left) or "too much"."""
-        dropped = 0
-        with trio.move_on_after(_DRAIN_S):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return "gone"
-                dropped += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return "done"
-                if dropped > self.limit:
-                    break
-        return "too much"
-
-    @staticmethod
-    async def _finish(
-        receive: Receive, send: Send, messages: list[Message], *, body_done: bool
-    ) -> None:
-        if body_done:  # the usual case: the connection is recycled, nothing to drain
-            for message in messages:
-                await send(message)
-            return
-        async with trio.open_nursery() as nursery:
-
-            async def discard() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-
-            nursery.start_soon(discard)
-            for message in messages:
-                await send(message)
-            # hypercorn reports the disconnect once the answer is out; do not wait longer
-            nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_S
+            await finish_response(receive, send, last, body_done=body_done)
 
 
-def _refusal(scope: MutableMapping[str, Any], limit: int) -> list[Message]:
+async def read_rest(receive: Receive, limit: int) -> str:
+    """Drop the rest of the request body: "done", "gone" (client left) or "too much"."""
+    dropped = 0
+    with trio.move_on_after(_DRAIN_S):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return "gone"
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return "done"
+            if dropped > limit:
+                break
+    return "too much"
+
+
+async def finish_response(
+    receive: Receive, send: Send, messages: list[Message], *, body_done: bool
+) -> None:
+    """Send an answer's messages. If the client may still be sending its body, read and
+    drop it meanwhile (hypercorn would block on its full queue otherwise), for at most
+    `_DRAIN_S` once the answer is out."""
+    if body_done:  # the usual case: the connection is recycled, nothing to drain
+        for message in messages:
+            await send(message)
+        return
+    async with trio.open_nursery() as nursery:
+
+        async def discard() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        nursery.start_soon(discard)
+        for message in messages:
+            await send(message)
+        # hypercorn reports the disconnect once the answer is out; do not wait longer
+        nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_S
+
+
+def refusal(scope: MutableMapping[str, Any], limit: int) -> list[Message]:
+    """The 413 answer for a body over `limit` (it closes the connection)."""
     problem = Problem("payload-too-large", f"the request body is over the limit of {limit} bytes")
     body = orjson.dumps(problem.body(scope.get("path")))
     return [
@@ -148,7 +163,7 @@ def _refusal(scope: MutableMapping[str, Any], limit: int) -> list[Message]:
     ]
 
 
-def _content_length(scope: MutableMapping[str, Any]) -> int | None:
+def content_length(scope: MutableMapping[str, Any]) -> int | None:
     for name, value in scope.get("headers", ()):
         if name.lower() == b"content-length":
             try:

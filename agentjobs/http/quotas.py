@@ -66,8 +66,9 @@ class SubmitRate:
         self.clock = clock
         self._buckets: dict[str | None, _Bucket] = {}
 
-    def take(self, tenant: str | None) -> None:
-        """Spend one token, or raise `LimitExceeded` (spending nothing)."""
+    def take(self, tenant: str | None, n: int = 1) -> None:
+        """Spend `n` tokens (a batch of n submits), or raise `LimitExceeded` (spending
+        nothing). `n` must not exceed `burst`: the bucket never holds more."""
         now = self.clock()
         bucket = self._buckets.get(tenant)
         if bucket is None:
@@ -75,10 +76,10 @@ class SubmitRate:
         else:
             bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
             bucket.stamp = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= n:
+            bucket.tokens -= n
             return
-        wait = (1.0 - bucket.tokens) / self.rate
+        wait = (n - bucket.tokens) / self.rate
         raise LimitExceeded(
             "submit-rate",
             f"over the submit rate of {self.rate:g}/s (burst {self.burst}) for this tenant; "
@@ -148,20 +149,27 @@ class ActiveRuns:
         return min(60.0, max(1.0, interval))
 
     @contextmanager
-    def reserve(self, tenant: str | None) -> Iterator[None]:
-        """Hold a place for a submit while it is recorded, or raise `LimitExceeded`."""
-        if self.count(tenant) >= self.limit:
+    def reserve(self, tenant: str | None, n: int = 1) -> Iterator[None]:
+        """Hold `n` places (a batch: all or none) while the submits are recorded, or raise
+        `LimitExceeded`."""
+        if self.count(tenant) + n > self.limit:
             raise LimitExceeded(
                 "tenant-queue",
-                f"this tenant already has {self.limit} queued or running runs (the limit); "
-                "wait for some to finish",
+                (
+                    f"this tenant already has {self.limit} queued or running runs (the limit); "
+                    "wait for some to finish"
+                    if n == 1
+                    else f"this tenant has {self.count(tenant)} queued or running runs and "
+                    f"the limit is {self.limit}: a batch of {n} does not fit (nothing was "
+                    "submitted); wait for some to finish, or send fewer"
+                ),
                 self._retry_hint(tenant),
             )
-        self._reserved[tenant] = self._reserved.get(tenant, 0) + 1
+        self._reserved[tenant] = self._reserved.get(tenant, 0) + n
         try:
             yield
         finally:
-            left = self._reserved[tenant] - 1
+            left = self._reserved[tenant] - n
             if left:
                 self._reserved[tenant] = left
             else:

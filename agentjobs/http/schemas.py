@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,18 +31,27 @@ from .errors import FieldError, Problem, validation
 
 __all__ = [
     "IDEMPOTENCY_HEADER",
+    "MAX_QUERY_INTEGER",
     "ListQuery",
+    "Submit",
     "SubmitBody",
     "int_param",
+    "parse_batch",
     "parse_list_query",
     "parse_submit",
     "parse_wait",
+    "validate_submit",
 ]
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 20
+# The largest integer a query parameter may have: the largest every JSON reader (doubles,
+# JavaScript) holds exactly. Larger numbers would make answers that echo them (`page`)
+# unencodable (orjson stops at 64 bits) or wrong for clients, so they are refused (422).
+MAX_QUERY_INTEGER = 2**53 - 1
+_DIGITS = re.compile(r"[+-]?[0-9]+")
 
 # Fields PraisonAI's JobSubmitRequest has and our runners cannot honour.
 UNSUPPORTED_FIELDS = ("agent_file", "agent_yaml", "framework", "recipe_name", "recipe_config")
@@ -184,6 +194,16 @@ def parse_submit(raw: bytes, header_key: str | None) -> Submit:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise Problem("malformed-json", f"the request body is not valid JSON: {exc}") from None
+    return validate_submit(data, header_key)
+
+
+def validate_submit(data: Any, header_key: str | None) -> Submit:
+    """Validate one decoded submit body: a `POST /api/v1/runs` body, or one item of a
+    batch (with `header_key` None: a batch's items carry their own keys). Raises `Problem`.
+
+    One function for both, so that a batch item is accepted or refused exactly as the
+    same body sent alone would be.
+    """
     if not isinstance(data, dict):
         raise validation(
             [FieldError("$", f"the body must be a JSON object, not {_json_type(data)}")]
@@ -244,6 +264,46 @@ def _hash(body: SubmitBody) -> str:
     return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def parse_batch(raw: bytes, max_items: int) -> list[Any]:
+    """The items of a `POST /api/v1/runs/batch` body, `{"runs": [...]}`, still undecided:
+    each is validated on its own (`validate_submit`), so one bad item does not refuse the
+    others. What is wrong with the batch as a whole raises `Problem` (nothing is written).
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Problem("malformed-json", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise validation(
+            [
+                FieldError(
+                    "$", f'the body must be a JSON object {{"runs": [...]}}, not {_json_type(data)}'
+                )
+            ]
+        )
+    extra = sorted(k for k in data if k != "runs")
+    if extra:
+        raise validation([FieldError(k, "unknown field (accepted: runs)") for k in extra])
+    if "runs" not in data:
+        raise validation([FieldError("runs", "is required (an array of submit bodies)")])
+    runs = data["runs"]
+    if not isinstance(runs, list):
+        raise validation([FieldError("runs", f"must be an array, not {_json_type(runs)}")])
+    if not runs:
+        raise validation([FieldError("runs", "must not be empty")])
+    if len(runs) > max_items:
+        raise validation(
+            [
+                FieldError(
+                    "runs",
+                    f"has {len(runs)} items, over the limit of {max_items} per batch "
+                    "(--max-batch); split it",
+                )
+            ]
+        )
+    return runs
+
+
 # -- query strings -------------------------------------------------------------------
 
 
@@ -258,22 +318,29 @@ class ListQuery:
 
 
 def int_param(args: Mapping[str, str], name: str, low: int, high: int | None = None) -> int | None:
+    """`?name=N`: None when absent, else an integer from `low` to `high` (at most
+    `MAX_QUERY_INTEGER` either way). 400 for a non-integer, 422 out of range."""
     raw = args.get(name)
     if raw is None or raw == "":
         return None
+    cap = MAX_QUERY_INTEGER if high is None else min(high, MAX_QUERY_INTEGER)
     try:
         value = int(raw)
     except ValueError:
+        if _DIGITS.fullmatch(raw.strip()) is None:
+            raise Problem(
+                "invalid-parameter",
+                f"{name}: expected an integer, got {raw!r}",
+                errors=[FieldError(name, "expected an integer")],
+            ) from None
+        value = cap + 1  # too many digits for int(): out of range, said as such below
+    if value < low or value > cap:
+        bounds = f"from {low} to {cap}"
+        text = raw.strip()
+        shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
         raise Problem(
             "invalid-parameter",
-            f"{name}: expected an integer, got {raw!r}",
-            errors=[FieldError(name, "expected an integer")],
-        ) from None
-    if value < low or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise Problem(
-            "invalid-parameter",
-            f"{name}: must be {bounds}, got {value}",
+            f"{name}: must be {bounds}, got {shown}",
             status=422,
             errors=[FieldError(name, f"must be {bounds}")],
         )

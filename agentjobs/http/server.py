@@ -104,6 +104,9 @@ def _hypercorn_config(settings: ServerSettings) -> HyperConfig:
     config.graceful_timeout = HTTP_GRACE_S
     config.keep_alive_timeout = 75.0  # longer than common client pools' idle timeouts
     config.include_server_header = False
+    # hypercorn's default (100) overflows on a burst of new connections, whose clients
+    # then wait 1 s, then 3 s, for SYN retransmissions; uvicorn's default is 2048.
+    config.backlog = settings.backlog
     return config
 
 

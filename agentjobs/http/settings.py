@@ -163,6 +163,12 @@ class Option:
     help: str
     metavar: str | None = None
     is_flag: bool = False  # a switch: `--access-log` means true
+    negatable: bool = False  # a switch that is on by default: `--no-fast-path` turns it off
+
+    @property
+    def off_flag(self) -> str:
+        """`--no-<flag>`, for a negatable switch."""
+        return "--no-" + self.flag.removeprefix("--")
 
     @property
     def env(self) -> str:
@@ -347,6 +353,23 @@ OPTIONS: tuple[Option, ...] = (
         "BYTES",
     ),
     Option(
+        "max_batch",
+        "--max-batch",
+        _int_at_least(1),
+        1000,
+        "most runs in one POST /api/v1/runs/batch (422 beyond)",
+        "N",
+    ),
+    Option(
+        "max_batch_bytes",
+        "--max-batch-bytes",
+        _int_at_least(1),
+        16 * _MIB,
+        "largest POST /api/v1/runs/batch body, in bytes (413 beyond; other requests: "
+        "--max-body-bytes)",
+        "BYTES",
+    ),
+    Option(
         "max_wait",
         "--max-wait",
         _seconds,
@@ -484,6 +507,26 @@ OPTIONS: tuple[Option, ...] = (
         "log one line per request to stderr",
         is_flag=True,
     ),
+    Option(
+        "backlog",
+        "--backlog",
+        _int_at_least(1),
+        2048,
+        "listen backlog: connections the kernel queues before the server accepts them "
+        "(capped by net.core.somaxconn); a burst beyond waits for SYN retransmissions",
+        "N",
+    ),
+    Option(
+        "fast_path",
+        "--fast-path",
+        _bool,
+        True,
+        "answer POST /api/v1/runs, GET /api/v1/runs/{id} and .../result (without ?wait=) "
+        "in a lean ASGI layer in front of quart, with identical answers; --no-fast-path "
+        "sends every request through quart",
+        is_flag=True,
+        negatable=True,
+    ),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -516,6 +559,8 @@ class ServerSettings:
     cancel_wait: float = 30.0
     public_url: str | None = None
     max_body_bytes: int = _MIB
+    max_batch: int = 1000
+    max_batch_bytes: int = 16 * _MIB
     max_wait: float = 60.0
     sse_heartbeat: float = 15.0
     webhook_secret: str | None = attrs.field(default=None, repr=False)
@@ -532,6 +577,8 @@ class ServerSettings:
     tenant_burst: int | None = None
     tenant_max_streams: int | None = None
     access_log: bool = False
+    backlog: int = 2048
+    fast_path: bool = True
 
     def engine_config(self) -> EngineConfig:
         """The engine's share of the settings."""
@@ -652,6 +699,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 opt.flag, dest=opt.name, action="store_const", const="true", help=help_text
             )
+            if opt.negatable:
+                parser.add_argument(
+                    opt.off_flag,
+                    dest=opt.name,
+                    action="store_const",
+                    const="false",
+                    help=f"turn {opt.flag} off [env {opt.env}=0]",
+                )
         else:
             parser.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, help=help_text)
 

@@ -20,9 +20,12 @@ of that event after its k-th. `Last-Event-ID` (what `EventSource` sends on recon
 `?after=` take the same ids; the header wins. A finished run whose last frame was already
 seen answers 204, which tells `EventSource` to stop reconnecting.
 
-Progress frames always carry every progress key, so the stream folds the run's progress
-from its first event even when it resumes later (it reads the run's history from the start
-and skips what the client has seen).
+Progress frames always carry every progress key, so a stream that resumes needs the run's
+progress as of its resume point. It does not read the history from the start for that:
+`resume_builder` looks back from the resume point at `progress` and `started` events only
+(from the run's in-memory tail when live, else the journal, skipping other lines after
+reading their head) until the last `started` or until every key is known; the stream then
+reads only what comes after the resume point.
 
 **Payloads** are encoded with orjson, which escapes newlines and control characters, so
 every `data:` is one line of valid JSON whatever the result holds, and results are never
@@ -48,17 +51,19 @@ import orjson
 import trio
 from quart.wrappers.response import ResponseBody
 
-from ..engine import Event, EventType
+from ..engine import Engine, Event, EventType
 from ..engine.model import isoformat
 from .errors import FieldError, Problem
 
 __all__ = [
+    "HISTORY_PAGE",
     "EventStreamBody",
     "FrameBuilder",
     "ResumePoint",
     "StreamHub",
     "encode_frame",
     "parse_resume",
+    "resume_builder",
 ]
 
 log = logging.getLogger("agentjobs.http.sse")
@@ -126,6 +131,12 @@ class ResumePoint:
     seq: int = 0
     part: int | None = None
 
+    @property
+    def start_after(self) -> int:
+        """The seq to read events after: frames of event `seq` are still due when only
+        some of its frames were seen."""
+        return self.seq if self.part is None else max(0, self.seq - 1)
+
     def seen(self, seq: int, part: int, last_part: bool) -> bool:
         if seq != self.seq:
             return seq < self.seq
@@ -178,6 +189,18 @@ class FrameBuilder:
         self.steps_completed = 0
         self.steps_total: int | None = None
 
+    def seed(self, progress: dict[str, Any]) -> None:
+        """Start from the progress folded so far (the keys `PROGRESS_KEYS` of the run's
+        `progress` events since its last `started`, the newest value of each)."""
+        self._reset_progress()
+        self._fold(progress)
+
+    def _fold(self, d: dict[str, Any]) -> None:
+        self.percentage = float(d.get("percentage", self.percentage))
+        self.step = d.get("step", self.step)
+        self.steps_completed = d.get("steps_completed", self.steps_completed)
+        self.steps_total = d.get("steps_total", self.steps_total)
+
     def _progress(self) -> dict[str, Any]:
         return {
             "percentage": self.percentage,
@@ -202,10 +225,7 @@ class FrameBuilder:
         if t is E.OUTPUT:
             return [("output", {"text": d.get("text", ""), "job_id": self.job_id})]
         if t is E.PROGRESS:
-            self.percentage = float(d.get("percentage", self.percentage))
-            self.step = d.get("step", self.step)
-            self.steps_completed = d.get("steps_completed", self.steps_completed)
-            self.steps_total = d.get("steps_total", self.steps_total)
+            self._fold(d)
             return [("progress", self._progress())]
         if t is E.SUBMITTED:
             return [self._status("queued", ev)]
@@ -242,6 +262,46 @@ class FrameBuilder:
         return []  # cancel_requested, webhook bookkeeping, deleted: nothing to show
 
 
+PROGRESS_KEYS = ("percentage", "step", "steps_completed", "steps_total")
+_CONTEXT_TYPES = frozenset({E.PROGRESS, E.STARTED})
+HISTORY_PAGE = 256  # events per history read (stream resume context, /events pages)
+
+
+async def resume_builder(
+    engine: Engine, run_id: str, after_seq: int, *, tenant: str | None = None
+) -> FrameBuilder:
+    """A `FrameBuilder` in the state it has after the run's events up to `after_seq`.
+
+    Looks back in pages of `HISTORY_PAGE` `progress`/`started` events, newest first,
+    and stops at the last `started` (which resets progress) or once every key has a
+    value: the same fold as reading every event from the start, at the cost of the
+    progress reports since the resume point's attempt began (or fewer).
+    """
+    builder = FrameBuilder(run_id)
+    if after_seq <= 0:
+        return builder
+    found: dict[str, Any] = {}
+    before = after_seq + 1
+    while True:
+        page = await engine.events_before(
+            run_id, before, limit=HISTORY_PAGE, types=_CONTEXT_TYPES, tenant=tenant
+        )
+        for ev in reversed(page):
+            if ev.type is E.STARTED:
+                builder.seed(found)
+                return builder
+            for key in PROGRESS_KEYS:
+                if key not in found and key in ev.data:
+                    found[key] = ev.data[key]
+            if len(found) == len(PROGRESS_KEYS):
+                builder.seed(found)
+                return builder
+        if len(page) < HISTORY_PAGE:
+            builder.seed(found)
+            return builder
+        before = page[0].seq
+
+
 class _Marker:
     __slots__ = ("name",)
 
@@ -273,8 +333,10 @@ class EventStreamBody(ResponseBody):
         nursery: trio.Nursery,
         heartbeat_s: float,
         on_close: Callable[[], None] | None = None,
+        builder: FrameBuilder | None = None,
     ) -> None:
         self.job_id = job_id
+        self.builder = builder if builder is not None else FrameBuilder(job_id)
         self.on_close = on_close
         self.events = events
         self.resume = resume
@@ -392,7 +454,7 @@ class EventStreamBody(ResponseBody):
                 await aclose()
 
     async def _forward(self) -> None:
-        builder = FrameBuilder(self.job_id)
+        builder = self.builder
         resume = self.resume
         send = self._send
         async for ev in self.events:

@@ -15,7 +15,7 @@ import attrs
 from ..engine import Run, Status
 from ..engine.model import isoformat
 
-__all__ = ["Urls", "result_view", "retry_after", "status_view", "submit_view"]
+__all__ = ["Urls", "batch_item_view", "result_view", "retry_after", "status_view", "submit_view"]
 
 RUNS_PATH = "/api/v1/runs"
 
@@ -111,4 +111,20 @@ def submit_view(run: Run, urls: Urls) -> dict[str, Any]:
         "created_at": isoformat(run.created_at),
         "poll_url": urls.run(run.id),
         "stream_url": urls.stream(run.id),
+    }
+
+
+def batch_item_view(index: int, run: Run, replayed: bool, urls: Urls) -> dict[str, Any]:
+    """One accepted item of a batch answer: `status` is the HTTP status the item would
+    have had alone (202), so that items read alike whether accepted or refused;
+    the run's own status is `job_status` (as in problem documents)."""
+    return {
+        "index": index,
+        "status": 202,
+        "job_id": run.id,
+        "job_status": run.status.value,
+        "created_at": isoformat(run.created_at),
+        "poll_url": urls.run(run.id),
+        "stream_url": urls.stream(run.id),
+        "replayed": replayed,
     }

@@ -8,7 +8,8 @@ The rule being checked (docs/journal-format.md, "Opening"): start-up either reco
 exactly the durable prefix (a torn tail: damage in the last line(s) with no intact line
 after it, cut and kept in a side file, with a warning) or refuses with `JournalCorrupt`
 naming file:line and changes nothing; `agentjobs log repair` then moves the damage aside
-and keeps every event before it, after which start-up succeeds.
+and keeps every event before it (a damaged header alone is rebuilt, keeping every event
+after it), after which start-up succeeds.
 
 `open_like_the_server` replays a directory the way the engine does at start (the journal's
 open folding every event into a fresh `State`), in-process, so that every one of the
@@ -270,10 +271,14 @@ def run_case(original: Path, work: Path, case: Case, events: list[Event]) -> Out
         if code != 0:
             out.problems.append(f"{case.name}: log repair exited {code}: {text}")
             return out
-        segment = journal_dir / SEGMENT  # gone when its header was the damage
+        segment = journal_dir / SEGMENT  # gone when all of it was moved aside
         kept = lines_of(segment.read_bytes()) if segment.exists() else []
-        side = [p for p in journal_dir.glob("repair-*/*") if p.is_file()]
-        moved = b"".join(p.read_bytes() for p in side)
+        side = {p.name: p.read_bytes() for p in journal_dir.glob("repair-*/*") if p.is_file()}
+        # a damaged header alone is moved aside and replaced by a fresh one
+        header = side.pop(f"{SEGMENT}.damaged-header", None)
+        if header is not None:
+            kept = [header, *kept[1:]]
+        moved = b"".join(side.values())
         if b"".join(kept) + moved != damaged:
             out.problems.append(f"{case.name}: repair lost bytes (kept + moved != damaged)")
         got, _ = open_like_the_server(journal_dir)
@@ -281,6 +286,8 @@ def run_case(original: Path, work: Path, case: Case, events: list[Event]) -> Out
         # every line before the named one passed the checks: all of them must be kept
         # (for a reordering that includes the later event that was read first)
         good = expected_state(events_of(lines_of(damaged)[: exc.line - 1]))
+        if exc.line == 1:  # the header holds no event: every (intact) event after it stays
+            good = expected_state(events)
         if got != good:
             out.problems.append(f"{case.name}: after repair {len(got)} runs, want {len(good)}")
         return out

@@ -22,7 +22,9 @@ server does not reach it. With ``MARKER_ORPHAN=exit`` (the harness' default) it 
 the server died (its parent pid changed, or its stdout pipe broke), writes
 ``stop ... orphan`` and exits, as a well-behaved agent would; with ``MARKER_ORPHAN=stay``
 it goes on working like an agent that does not notice, which is what a restarted server
-must cope with (see the xfail test in tests/test_faults_crash.py).
+must cope with: it stops the attempt (SIGTERM, so the file ends ``stop ... term``) before
+it starts the run again (see
+tests/test_faults_crash.py::test_an_orphaned_attempt_is_stopped_before_the_run_starts_again).
 
 The result (stdout's last line, JSON) repeats what the run was given, so the harness can
 check that the spec a runner saw is the spec the client submitted.

@@ -10,16 +10,23 @@ becomes the run's result; what it raises fails the run.
 Runners report through the context: `ctx.progress(...)` and `ctx.output(text)` are plain,
 non-blocking calls (the engine coalesces output and writes it to the journal in the
 background), and `ctx.metrics` is a dict recorded with the terminal event.
+
+A runner whose work can outlive the server process (a subprocess in a session of its
+own) also implements `RecordsAttempts`: the engine then hands it the attempt records of
+its data dir, and stops what they describe before any run starts again after a crash.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
-__all__ = ["RunContext", "RunError", "Runner", "SessionTurn"]
+if TYPE_CHECKING:
+    from ._orphans import AttemptRecords
+
+__all__ = ["RecordsAttempts", "RunContext", "RunError", "Runner", "SessionTurn"]
 
 
 class RunError(Exception):
@@ -92,3 +99,17 @@ class Runner(Protocol):
     """Anything with an async `run(ctx) -> result`. `aclose()` is optional."""
 
     async def run(self, ctx: RunContext) -> Any: ...
+
+
+@runtime_checkable
+class RecordsAttempts(Protocol):
+    """A runner that records its attempts' process groups (see `_orphans.py`).
+
+    The engine calls `attach_attempt_records` at start-up (with `None` when it has no
+    data dir: nothing to record, nothing survives it anyway) and `detach_attempt_records`
+    when it closes.
+    """
+
+    def attach_attempt_records(self, records: AttemptRecords | None) -> None: ...
+
+    def detach_attempt_records(self, records: AttemptRecords) -> None: ...

@@ -13,6 +13,14 @@ runs inside a shielded cancel scope with its own deadline, because it happens pr
 we are being cancelled. A grandchild that calls `setsid()` itself leaves the group and is out
 of reach (only a cgroup could follow it); well-behaved agents do not do that.
 
+The other side of a session of its own: when the *server* dies (`kill -9`), nothing stops
+the group, and the restarted engine would start the run's next attempt beside it. So, when
+the engine has a data dir, each attempt's group is recorded there while it may be alive
+(`_orphans.py`: before the spawn, then with its pid and start time), and the engine stops
+whatever the records describe before it starts any run. We do not use PR_SET_PDEATHSIG:
+it fires when the *thread* that forked the child exits, and trio forks from a worker
+thread that exits after 10 s idle, which would kill healthy commands.
+
 Security: the argv is executed directly, never through a shell, unless the operator sets
 `shell=True`; then placeholders are shell-quoted. The child gets only the allow-listed
 environment variables of the server, plus explicit `env` additions, so server secrets (API
@@ -40,6 +48,7 @@ import orjson
 import trio
 
 from ._base import RunContext, RunError
+from ._orphans import AttemptRecord, AttemptRecords
 from .config import RunnerConfigError
 
 __all__ = ["DEFAULT_ENV_ALLOW", "CommandRunner"]
@@ -123,6 +132,7 @@ class CommandRunner:
     )
     check_executable: bool = attrs.field(default=True, kw_only=True)
     _stdin_prompt: bool = attrs.field(init=False, default=True)
+    _records: AttemptRecords | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) for a in self.argv):
@@ -195,12 +205,52 @@ class CommandRunner:
             env["AGENTJOBS_CONFIG"] = orjson.dumps(ctx.config).decode()
         return env
 
+    # ----------------------------------------------------------------- attempt records
+
+    def attach_attempt_records(self, records: AttemptRecords | None) -> None:
+        """Record each live process group in `records` (the engine's data dir), or stop
+        recording (`None`). Called by the engine at start-up, before any run starts; see
+        `_orphans.py` for why (a server killed with `kill -9` leaves the groups running)
+        and what recovery does with the records.
+
+        One runner object records for one engine at a time: the last engine opened with
+        it (sharing one `CommandRunner` between engines open at the same time on
+        different data dirs would put the records of both in the newer one's)."""
+        self._records = records
+
+    def detach_attempt_records(self, records: AttemptRecords) -> None:
+        """Stop recording in `records`, unless another engine attached its own since."""
+        if self._records is records:
+            self._records = None
+
+    def _begin_record(self, ctx: RunContext, env: dict[str, str]) -> AttemptRecord | None:
+        records = self._records
+        if records is None:
+            return None
+        try:
+            return records.begin(
+                ctx.run_id,
+                ctx.attempt,
+                environ=[f"{k}={env[k]}" for k in ("AGENTJOBS_RUN_ID", "AGENTJOBS_ATTEMPT")],
+                grace_s=self.kill_grace_s,
+            )
+        except OSError as exc:
+            # Without a record, a crash of the server would leave the process running
+            # unseen while the run starts again: do not start it. The next attempt may
+            # find the disk in a better state.
+            raise RunError(
+                f"cannot record the command's process group in {records.directory}: {exc}",
+                retryable=True,
+            ) from None
+
     # ----------------------------------------------------------------- running
 
     async def run(self, ctx: RunContext) -> Any:
         argv = self._argv_for(ctx)
+        env = self._env_for(ctx)
         stdin_data = ctx.prompt.encode() if self._stdin_prompt else None
         started = trio.current_time()
+        record = self._begin_record(ctx, env)
         try:
             proc = await trio.lowlevel.open_process(
                 argv,
@@ -208,13 +258,21 @@ class CommandRunner:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=self.cwd,
-                env=self._env_for(ctx),
+                env=env,
                 start_new_session=True,
             )
-        except OSError as exc:
-            raise RunError(
-                f"cannot start command {argv[0]!r}: {exc.strerror or exc}", retryable=False
-            ) from None
+        except BaseException as exc:
+            if record is not None:
+                record.remove()
+            if isinstance(exc, OSError):
+                raise RunError(
+                    f"cannot start command {argv[0]!r}: {exc.strerror or exc}", retryable=False
+                ) from None
+            raise
+        if record is not None:
+            # A crash since the spawn is covered by the record `begin` wrote (recovery then
+            # finds the process by its environment); pin the exact process now.
+            record.started(proc.pid)
         log.debug("run %s: started pid %d: %s", ctx.run_id, proc.pid, argv[0])
 
         capture = _Capture(self.max_output_bytes)
@@ -234,6 +292,8 @@ class CommandRunner:
                         await pipe.aclose()
             if cleanup.cancelled_caught:  # pragma: no cover - a process stuck in the kernel
                 log.error("run %s: pid %d could not be reaped in time", ctx.run_id, proc.pid)
+            elif record is not None and not _group_alive(proc.pid):
+                record.remove()  # else kept: the next start of the engine stops the group
             ctx.metrics.update(
                 exit_code=proc.returncode,
                 duration_s=round(trio.current_time() - started, 6),
