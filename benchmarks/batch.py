@@ -97,22 +97,23 @@ async def load(url: str, a: argparse.Namespace) -> dict[str, Any]:
     return {"counts": counts, "latencies": latencies, "wall": wall, "body_bytes": len(bodies[0])}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
-    p.add_argument("--batch", type=int, default=1000, help="runs per batch (default 1000)")
-    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds (default 5)")
-    p.add_argument(
-        "--durability", default="fsync", choices=("fsync", "os", "memory"), help="default fsync"
+def measure(
+    clients: int = 4,
+    batch: int = 1000,
+    seconds: float = 5.0,
+    durability: str = "fsync",
+    execute: bool = False,
+) -> dict[str, Any]:
+    """Start a server, load it, stop it; every figure `main` prints (also used by
+    benchmarks/compare.py's `batch` part)."""
+    a = argparse.Namespace(
+        clients=clients, batch=batch, seconds=seconds, durability=durability, execute=execute
     )
-    p.add_argument("--execute", action="store_true", help="execute the runs meanwhile")
-    a = p.parse_args()
-
     work = Path(tempfile.mkdtemp(prefix="agentjobs-batchbench-"))
-    argv = servers.ours_argv(a.durability, work / "data", 10 if a.execute else 1)
-    expected = a.batch * a.clients * int(a.seconds * 100 + 10)  # generous queue room
+    argv = servers.ours_argv(durability, work / "data", 10 if execute else 1)
+    expected = batch * clients * int(seconds * 100 + 10)  # generous queue room
     argv += ["--max-queue", str(max(100_000, expected)), "--grace-period", "0"]
-    argv += ["--max-batch", str(max(1000, a.batch))]
+    argv += ["--max-batch", str(max(1000, batch))]
     server = servers.Server("ours", "agentjobs", "ours", argv)
     try:
         server.start(work)
@@ -127,42 +128,70 @@ def main() -> None:
     finally:
         code = server.stop()
         shutil.rmtree(work, ignore_errors=True)
-
     counts = result["counts"]
     lat = sorted(result["latencies"])
     wall = result["wall"]
+    p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))] if lat else float("nan")
+    return {
+        "clients": clients,
+        "batch": batch,
+        "seconds": seconds,
+        "durability": durability,
+        "execute": execute,
+        "accepted": counts["accepted"],
+        "rejected": counts["rejected"],
+        "batches": counts["batches"],
+        "failed_batches": counts["failed_batches"],
+        "wall": wall,
+        "accepted_per_s": counts["accepted"] / wall,
+        "batches_per_s": counts["batches"] / wall,
+        "body_bytes": result["body_bytes"],
+        "p50_ms": 1e3 * statistics.median(lat) if lat else float("nan"),
+        "p99_ms": 1e3 * p99,
+        "max_ms": 1e3 * lat[-1] if lat else float("nan"),
+        "submitted": stats1["submitted_total"] - stats0["submitted_total"],
+        "exit_code": code,
+        "cpu_server_s": cpu_server,
+        "cpu_client_s": cpu_client,
+        "server_us_per_run": 1e6 * cpu_server / counts["accepted"] if counts["accepted"] else None,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    p.add_argument("--batch", type=int, default=1000, help="runs per batch (default 1000)")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds (default 5)")
+    p.add_argument(
+        "--durability", default="fsync", choices=("fsync", "os", "memory"), help="default fsync"
+    )
+    p.add_argument("--execute", action="store_true", help="execute the runs meanwhile")
+    a = p.parse_args()
+    r = measure(a.clients, a.batch, a.seconds, a.durability, a.execute)
+    wall = r["wall"]
     print(
         f"# POST /api/v1/runs/batch: {a.clients} clients x batches of {a.batch}, "
         f"{a.seconds:g} s, --durability {a.durability}, runs "
         + ("executed (echo, --max-concurrency 10)" if a.execute else "held (acceptance only)")
     )
     print()
+    print(f"accepted runs/s:   {r['accepted_per_s']:,.0f}  ({r['accepted']:,} in {wall:.2f} s)")
+    print(f"batches/s:         {r['batches_per_s']:,.1f}  (body {r['body_bytes']:,} bytes)")
     print(
-        f"accepted runs/s:   {counts['accepted'] / wall:,.0f}  "
-        f"({counts['accepted']:,} in {wall:.2f} s)"
+        f"latency per batch: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+        f"max {r['max_ms']:.1f} ms"
     )
+    print(f"refused items:     {r['rejected']}, failed batches: {r['failed_batches']}")
+    print(f"server: submitted_total +{r['submitted']:,}, exit code {r['exit_code']}")
     print(
-        f"batches/s:         {counts['batches'] / wall:,.1f}  (body {result['body_bytes']:,} bytes)"
+        f"CPU: server {r['cpu_server_s']:.2f} s ({100 * r['cpu_server_s'] / wall:.0f}% of one "
+        f"core), load generator {r['cpu_client_s']:.2f} s ({100 * r['cpu_client_s'] / wall:.0f}%)"
     )
-    if lat:
-        p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+    if r["server_us_per_run"]:
         print(
-            f"latency per batch: p50 {1e3 * statistics.median(lat):.1f} ms, "
-            f"p99 {1e3 * p99:.1f} ms, max {1e3 * lat[-1]:.1f} ms"
-        )
-    print(f"refused items:     {counts['rejected']}, failed batches: {counts['failed_batches']}")
-    submitted = stats1["submitted_total"] - stats0["submitted_total"]
-    print(f"server: submitted_total +{submitted:,}, exit code {code}")
-    print(
-        f"CPU: server {cpu_server:.2f} s ({100 * cpu_server / wall:.0f}% of one core), "
-        f"load generator {cpu_client:.2f} s ({100 * cpu_client / wall:.0f}%)"
-    )
-    if counts["accepted"]:
-        per_run = cpu_server / counts["accepted"]
-        print(
-            f"server CPU per accepted run: {1e6 * per_run:.1f} µs, i.e. "
-            f"{1 / per_run:,.0f} runs/s for a core of its own (the figure that moves least "
-            "on a shared machine; the server is one process on one core)"
+            f"server CPU per accepted run: {r['server_us_per_run']:.1f} µs, i.e. "
+            f"{1e6 / r['server_us_per_run']:,.0f} runs/s for a core of its own (the figure that "
+            "moves least on a shared machine; the server is one process on one core)"
         )
 
 

@@ -22,7 +22,9 @@ Parts (`--parts`, default all): `submit` (POST throughput at each `--concurrency
 duration, medians of `--rounds` interleaved rounds whose server order rotates), `e2e`
 (submit, then poll or SSE until the result, 1 and 8 clients), `fanout` (SSE subscribers on
 runs of 2 s), `soak` (N runs submitted and finished on a fresh server: RSS at the end),
-`engine` (benchmarks/engine.py and benchmarks/journal.py: runs/s with fsync, replay/s).
+`engine` (benchmarks/engine.py and benchmarks/journal.py: runs/s with fsync, replay/s),
+`batch` (benchmarks/batch.py: `POST /api/v1/runs/batch`, 4 clients x 1,000 runs, fsync;
+ours only, PraisonAI has no batch endpoint).
 
 Prints markdown tables (progress goes to stderr), writes docs/img/compare_throughput.png and
 docs/img/compare_latency.png (matplotlib, the `bench` extra; skipped if missing), and with
@@ -92,6 +94,7 @@ class Settings:
     soak_memory_mode: bool
     engine_runs: int
     replay_events: int
+    batch_seconds: float
     generator: str
     max_concurrency: int
     charts: Path | None
@@ -105,7 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     )
     p.add_argument("--quick", action="store_true", help="CI smoke: seconds, tiny sizes")
     p.add_argument("--ours-only", action="store_true", help="skip PraisonAI (no peer venv)")
-    p.add_argument("--parts", default="submit,e2e,fanout,soak,engine")
+    p.add_argument("--parts", default="submit,e2e,fanout,soak,engine,batch")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per submit cell (default 6)")
     p.add_argument("--concurrency", help="connections for submit (default 4,16,64)")
@@ -119,6 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     )
     p.add_argument("--engine-runs", type=int)
     p.add_argument("--replay-events", type=int)
+    p.add_argument("--batch-seconds", type=float, help="seconds per batch round (default 5)")
     p.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--max-concurrency", type=int, default=10, help="ours; PraisonAI's is 10")
     p.add_argument("--charts", type=Path, help="directory for the PNGs (default docs/img)")
@@ -132,7 +136,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         return value if value is not None else (quick if q else full)
 
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
-    unknown = set(parts) - {"submit", "e2e", "fanout", "soak", "engine"}
+    unknown = set(parts) - {"submit", "e2e", "fanout", "soak", "engine", "batch"}
     if unknown:
         p.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     conc = pick(a.concurrency, "4,16,64", "4,64")
@@ -154,6 +158,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         soak_memory_mode=a.soak_memory_mode,
         engine_runs=pick(a.engine_runs, 50_000, 1_000),
         replay_events=pick(a.replay_events, 500_000, 10_000),
+        batch_seconds=pick(a.batch_seconds, 5.0, 0.5),
         generator=a.generator,
         max_concurrency=a.max_concurrency,
         charts=charts,
@@ -539,6 +544,60 @@ def part_engine(s: Settings) -> dict[str, Any]:
             result: dict[str, Any] = json.loads(line.split(" ", 1)[1])
             return result
     return {"error": (out.stderr or out.stdout)[-800:]}
+
+
+# -- part 7: batch submit ----------------------------------------------------------------
+
+
+def part_batch(s: Settings) -> list[dict[str, Any]]:
+    """`--rounds` rounds of benchmarks/batch.py's measurement (fresh server each), held
+    runs (acceptance alone) and executed runs, fsync."""
+    import batch  # benchmarks/batch.py, beside this script
+
+    size = 100 if s.quick else 1000
+    rows = []
+    for r in range(s.rounds):
+        for execute in (False, True):
+            log(f"batch round {r + 1}: {'executed' if execute else 'held'} runs")
+            rows.append(batch.measure(4, size, s.batch_seconds, "fsync", execute))
+    return rows
+
+
+def report_batch(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for execute in (False, True):
+        mine = [r for r in rows if r["execute"] == execute]
+        if not mine:
+            continue
+        us = median([r["server_us_per_run"] or float("nan") for r in mine])
+        out.append(
+            [
+                "executed meanwhile (echo, --max-concurrency 10)"
+                if execute
+                else "held (acceptance alone)",
+                f"{mine[0]['clients']} x {mine[0]['batch']:,}",
+                fmt(median([r["accepted_per_s"] for r in mine])),
+                fmt(median([r["p50_ms"] for r in mine]), 1),
+                fmt(median([r["p99_ms"] for r in mine]), 1),
+                str(sum(r["rejected"] + r["failed_batches"] for r in mine)),
+                fmt(us, 1),
+                fmt(1e6 / us) if us == us else "-",
+            ]
+        )
+    return table(
+        [
+            "runs",
+            "clients x batch",
+            "accepted runs/s",
+            "p50 ms per batch",
+            "p99 ms",
+            "refused",
+            "server CPU µs/run",
+            "runs/s per server core",
+        ],
+        out,
+        "llrrrrrr",
+    )
 
 
 # -- report -------------------------------------------------------------------------------
@@ -932,6 +991,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fan: dict[str, list[dict[str, Any]]] = {}
     soak: dict[str, Any] = {}
     engine: dict[str, Any] = {}
+    batches: list[dict[str, Any]] = []
     try:
         if any(p in s.parts for p in ("submit", "e2e", "fanout")):
             for name, kind, argv in specs:
@@ -990,6 +1050,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "engine" in s.parts:
             log("engine alone")
             engine = part_engine(s)
+        if "batch" in s.parts:
+            log("batch submit")
+            batches = part_batch(s)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -1069,6 +1132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.append("")
     if engine:
         out += ["## Engine alone", "", report_engine(engine), ""]
+    if batches:
+        out += [
+            f"## Batch submit (POST /api/v1/runs/batch, fsync, {s.batch_seconds:g} s per "
+            f"round, median of {s.rounds}; ours only)",
+            "",
+            report_batch(batches),
+            "",
+        ]
     if running:
         out.append(
             "Server RSS after all parts: "
@@ -1094,6 +1165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fanout=fan,
         soak=soak,
         engine=engine,
+        batch=batches,
         servers={n: t.info for n, t in running.items()},
         report=text,
     )

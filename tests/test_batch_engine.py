@@ -31,6 +31,7 @@ from agentjobs import (
     EventType,
     IdempotencyConflict,
     QueueFull,
+    Run,
     Status,
     StorageUnavailable,
     SubmitOutcome,
@@ -149,31 +150,42 @@ async def test_idempotency_per_item(autojump_clock: MockClock) -> None:
         assert replayed and again.id == new_k2
 
 
+class HeldFsync:
+    """Journal hooks whose fsyncs, once `armed`, wait in the writer's thread until
+    `release` (real clock): a batch that is written but not yet durable nor applied."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        self.hooks = IOHooks(fsync=self.fsync)
+
+    def fsync(self, fd: int) -> None:
+        if self.armed.is_set() and not self.release.is_set():
+            self.holding.set()
+            self.release.wait(30)
+        os.fsync(fd)
+
+    async def wait_holding(self) -> None:
+        await trio.to_thread.run_sync(self.holding.wait, 30)
+
+
 async def test_a_key_being_recorded_by_a_concurrent_submit_is_waited_for(
     tmp_path: Path,
 ) -> None:
     """Real clock: the single submit's fsync is held in its thread until we let go."""
-    armed = threading.Event()
-    release = threading.Event()
-    holding = threading.Event()
-
-    def fsync(fd: int) -> None:
-        if armed.is_set() and not release.is_set():
-            holding.set()
-            release.wait(30)
-        os.fsync(fd)
-
-    async with open_engine(tmp_path, journal_hooks=IOHooks(fsync=fsync)) as engine:
-        armed.set()
+    held = HeldFsync()
+    async with open_engine(tmp_path, journal_hooks=held.hooks) as engine:
+        held.armed.set()
         spec = engine.make_spec("same", idempotency_key="k")
-        results: list[object] = []
+        results: list[tuple[Run, bool]] = []
 
         async def single() -> None:
             results.append(await engine.submit_spec(spec))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(single)
-            await trio.to_thread.run_sync(holding.wait, 30)
+            await held.wait_holding()
             assert (None, "k") in engine._pending_keys
             batch_done = trio.Event()
             outcomes: list[SubmitOutcome] = []
@@ -185,13 +197,107 @@ async def test_a_key_being_recorded_by_a_concurrent_submit_is_waited_for(
             nursery.start_soon(batch)
             await trio.sleep(0.2)
             assert not batch_done.is_set()  # waiting for the key, not deciding without it
-            release.set()
-        (run, replayed) = results[0]  # type: ignore[misc]
+            held.release.set()
+        (run, replayed) = results[0]
         assert not replayed
         assert outcomes[0].replayed and outcomes[0].run is not None
         assert outcomes[0].run.id == run.id
         assert outcomes[1].run is not None and not outcomes[1].replayed
         assert engine.count() == 2
+
+
+@pytest.mark.parametrize("how", ["single", "many"])
+async def test_a_cancelled_submitter_keeps_its_key_until_its_run_is_recorded(
+    tmp_path: Path, how: str
+) -> None:
+    """The first submit of a key is cancelled (its HTTP client went away) while its
+    `submitted` event waits for the disk: the event is recorded all the same, so a
+    concurrent submit of the key must go on waiting for it and replay it, not find the
+    key free and record a second run."""
+    held = HeldFsync()
+    async with open_engine(tmp_path, journal_hooks=held.hooks) as engine:
+        engine.supervisor.admitting = False
+        spec = engine.make_spec("same", idempotency_key="k")
+        first = trio.CancelScope()
+        second: list[tuple[Run, bool]] = []
+
+        async def submit_first() -> None:
+            with first:
+                if how == "single":
+                    await engine.submit_spec(spec)
+                else:
+                    await engine.submit_many([spec])
+
+        async def submit_second() -> None:
+            second.append(await engine.submit_spec(spec))
+
+        held.armed.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(submit_first)
+            await held.wait_holding()
+            nursery.start_soon(submit_second)
+            await trio.sleep(0.1)
+            first.cancel()
+            await trio.sleep(0.1)
+            assert (None, "k") in engine._pending_keys  # still being recorded
+            assert not second
+            held.release.set()
+        ((run, replayed),) = second
+        assert replayed
+        assert [r.id for r in engine.list().runs] == [run.id]
+        assert not engine._pending_keys and engine._submitting == 0
+
+
+async def test_closing_the_engine_under_a_cancelled_submitter_does_not_hang(
+    tmp_path: Path,
+) -> None:
+    """The cancelled submitter waits, shielded, for its batch: the engine's close still
+    goes through (the writer resolves the batch), and the run is on disk."""
+    held = HeldFsync()
+    answers: list[tuple[Run, bool]] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as outside:  # the submitter lives outside the engine
+            submitter = trio.CancelScope()
+            async with open_engine(tmp_path, journal_hooks=held.hooks) as engine:
+                engine.supervisor.admitting = False
+                spec = engine.make_spec("p", idempotency_key="k")
+
+                async def submit() -> None:
+                    with submitter:
+                        answers.append(await engine.submit_spec(spec))
+
+                held.armed.set()
+                outside.start_soon(submit)
+                await held.wait_holding()
+                submitter.cancel()
+                threading.Timer(0.2, held.release.set).start()  # the disk comes back later
+            # closed while the submitter waited
+    assert answers and not answers[0][1]
+    async with open_engine(tmp_path) as engine:
+        assert [r.id for r in engine.list().runs] == [answers[0][0].id]
+
+
+async def test_new_runs_is_the_submits_own_decision(autojump_clock: MockClock) -> None:
+    """`Engine.new_runs` counts what `submit_many` would create: no key, or the first
+    item of a key with no live earlier run; a run being deleted replays nothing."""
+    async with scripted_engine() as (engine, _):
+        done = await engine.submit("a", idempotency_key="k")
+        await engine.wait(done.id)
+        specs = [
+            engine.make_spec("a", idempotency_key="k"),  # replay
+            engine.make_spec("DIFFERENT", idempotency_key="k"),  # conflict
+            engine.make_spec("n"),  # new
+            engine.make_spec("b", idempotency_key="k2"),  # new
+            engine.make_spec("b", idempotency_key="k2"),  # replay of the item before
+            engine.make_spec("b", idempotency_key="k2", tenant="t"),  # another tenant's: new
+        ]
+        assert engine.new_runs(specs) == 3
+        assert engine.new_runs([]) == 0
+        engine._gone.add(done.id)  # as `delete` does until its event is applied
+        assert engine.new_runs(specs[:1]) == 1
+        (outcome,) = await engine.submit_many(specs[:1])
+        assert outcome.run is not None and outcome.run.id != done.id and not outcome.replayed
+        assert engine.new_runs(specs[:1]) == 0  # now the new run answers for the key
 
 
 async def test_capacity_is_all_or_nothing(autojump_clock: MockClock, tmp_path: Path) -> None:

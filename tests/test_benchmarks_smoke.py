@@ -43,6 +43,7 @@ def test_compare_quick_ours_only_prints_tables(tmp_path: Path) -> None:
         "## SSE fan-out",
         "## Soak",
         "## Engine alone",
+        "## Batch submit",
     ):
         assert heading in out, out
     assert "| conns | server | accepted/s |" in out
@@ -51,4 +52,7 @@ def test_compare_quick_ours_only_prints_tables(tmp_path: Path) -> None:
     accepted = rows[0].split("|")[3].strip().replace(",", "")
     assert float(accepted) > 0  # it did accept runs; how many is not the test's business
     assert "| PraisonAI" not in out and "| 4 | PraisonAI" not in out  # --ours-only
+    batch_rows = [line for line in out.splitlines() if line.startswith("| held (acceptance")]
+    assert len(batch_rows) == 1, out
+    assert float(batch_rows[0].split("|")[3].strip().replace(",", "")) > 0
     assert out_json.exists()

@@ -18,6 +18,7 @@ from live_server import LiveServer, ServerProcess, assert_problem, open_live_ser
 
 from agentjobs import Event, EventType
 from agentjobs.client import AsyncClient, Client, IdempotencyConflict, ValidationError
+from agentjobs.http.app import state_of
 
 BATCH = "/api/v1/runs/batch"
 RUNS = "/api/v1/runs"
@@ -185,12 +186,13 @@ async def test_storage_failure_answers_503_and_applies_nothing(tmp_path: Path) -
 
 async def test_auth_tenants_rate_and_quota(tmp_path: Path) -> None:
     """A batch of N is N submits: N tokens of the tenant's bucket (one taken before the
-    body is read, N-1 once counted) and N places of its quota, all or none."""
+    body is read, all N settled at once when counted) and N places of its quota, all or
+    none; a batch that could never pass either is a 422 naming `runs`."""
     async with open_live_server(
         tmp_path,
         api_keys=f"a:{KEY_A},b:{KEY_B}",
         tenant_rate=0.001,  # no refill worth speaking of during the test
-        tenant_burst=10,
+        tenant_burst=20,
         tenant_max_queued=6,
         max_concurrency=1,
     ) as srv:
@@ -198,21 +200,30 @@ async def test_auth_tenants_rate_and_quota(tmp_path: Path) -> None:
         assert_problem(anon, 401, "unauthorized")
         slow = {"config": {"delay_s": 30}}
         async with srv.client_for(KEY_A) as a, srv.client_for(KEY_B) as b:
-            # over the burst: can never pass, so 422 (not a 429 to retry for ever); 9 left
-            r = await a.post(BATCH, json={"runs": [{"prompt": "x"}] * 11})
-            assert assert_problem(r, 422, "validation-error")["errors"][0]["field"] == "runs"
-            # 7 new runs > the quota of 6: refused whole (its 7 tokens are spent); 2 left
+            # over the burst: can never pass, so 422 (not a 429 to retry for ever); 19 left
+            r = await a.post(BATCH, json={"runs": [{"prompt": "x"}] * 21})
+            error = assert_problem(r, 422, "validation-error")["errors"][0]
+            assert error["field"] == "runs" and "--tenant-burst 20" in error["message"]
+            # 7 new runs > the quota of 6: can never pass either, so 422 too (its 7 tokens
+            # are spent); 12 left. Replays take no place: 6 new + 1 replay would fit.
             r = await a.post(BATCH, json={"runs": [{"prompt": f"x{i}", **slow} for i in range(7)]})
-            assert assert_problem(r, 429, "rate-limited")["limit"] == "tenant-queue"
-            assert srv.engine.count(tenant="a") == 0
-            # 3 items need 3 tokens: 1 is taken, the other 2 are not there; 1 left
-            r = await a.post(BATCH, json={"runs": [{"prompt": f"y{i}"} for i in range(3)]})
-            assert assert_problem(r, 429, "rate-limited")["limit"] == "submit-rate"
-            assert int(r.headers["retry-after"]) >= 1
+            error = assert_problem(r, 422, "validation-error")["errors"][0]
+            assert error["field"] == "runs" and "--tenant-max-queued 6" in error["message"]
             assert srv.engine.count(tenant="a") == 0
             r = await a.post(BATCH, json={"runs": [{"prompt": "z", **slow}]})
             assert r.status_code == 200 and r.json()["accepted"] == 1
+            assert srv.engine.count(tenant="a") == 1  # 11 tokens left
+            # 1 + 6 > 6 now, but not for ever: 429 (its 6 tokens are spent); 5 left
+            r = await a.post(BATCH, json={"runs": [{"prompt": f"y{i}", **slow} for i in range(6)]})
+            assert assert_problem(r, 429, "rate-limited")["limit"] == "tenant-queue"
             assert srv.engine.count(tenant="a") == 1
+            # 6 items need 6 tokens, 5 are there: refused, spending none; 5 left
+            r = await a.post(BATCH, json={"runs": [{"prompt": f"w{i}"} for i in range(6)]})
+            assert assert_problem(r, 429, "rate-limited")["limit"] == "submit-rate"
+            assert int(r.headers["retry-after"]) >= 1
+            assert srv.engine.count(tenant="a") == 1
+            r = await a.post(BATCH, json={"runs": [{"prompt": f"v{i}"} for i in range(5)]})
+            assert r.status_code == 200 and r.json()["accepted"] == 5
             # tenant b has its own bucket and quota, and cannot see a's runs
             r = await b.post(BATCH, json={"runs": [{"prompt": f"b{i}", **slow} for i in range(6)]})
             assert r.status_code == 200 and r.json()["accepted"] == 6
@@ -220,6 +231,27 @@ async def test_auth_tenants_rate_and_quota(tmp_path: Path) -> None:
             assert (await b.get(f"{RUNS}/{a_run}")).status_code == 404
             stats = (await a.get("/stats")).json()
             assert stats["rejected"]["submit-rate"] >= 1 and stats["rejected"]["tenant-queue"] >= 1
+
+
+async def test_a_client_that_waits_retry_after_gets_its_batch_through(tmp_path: Path) -> None:
+    """`Retry-After` on a batch refused by the submit rate is the wait until the whole
+    batch fits: waiting exactly that long is enough (the bucket's clock is faked)."""
+    async with open_live_server(tmp_path, tenant_rate=1.0, tenant_burst=10) as srv:
+        rate = state_of(srv.running.app).submit_rate
+        assert rate is not None
+        now = [1000.0]
+        rate.clock = lambda: now[0]
+        for i in range(6):  # 4 tokens left
+            assert (await srv.client.post(RUNS, json={"prompt": f"s{i}"})).status_code == 202
+        body = {"runs": [{"prompt": f"b{i}"} for i in range(10)]}
+        r = await srv.client.post(BATCH, json=body)
+        assert assert_problem(r, 429, "rate-limited")["limit"] == "submit-rate"
+        assert r.headers["retry-after"] == "6"  # 10 - 4 tokens at 1/s
+        assert srv.engine.count() == 6
+        now[0] += 6
+        r = await srv.client.post(BATCH, json=body)
+        assert r.status_code == 200 and r.json()["accepted"] == 10
+        assert srv.engine.count() == 16
 
 
 async def test_same_key_in_two_tenants_makes_two_runs(tmp_path: Path) -> None:

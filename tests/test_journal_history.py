@@ -45,6 +45,16 @@ def check_history(journal: Journal, events: list[Event]) -> int:
         full = [e for e in events if e.run == rid]
         assert journal.history(rid) == full
         seqs = [e.seq for e in full]
+        # history_at: exactly the events at the seqs asked for; seqs of other runs (or
+        # of no event) are left out
+        assert journal.history_at(rid, seqs) == full
+        assert journal.history_at(rid, seqs[1::3]) == full[1::3]
+        some = set(seqs[::2])
+        absent = sorted(set(range(seqs[-1] + 3)) - set(seqs))[:40]
+        asked = sorted(some | set(absent))
+        assert journal.history_at(rid, asked) == [e for e in full if e.seq in some]
+        assert journal.history_at(rid, []) == []
+        checked += 4
         points = sorted({0, 1, *seqs, *(s - 1 for s in seqs), *(s + 1 for s in seqs)})
         points.append(seqs[-1] + 1000)
         limits: list[int | None] = [None, 0, 1, 2, len(full)]

@@ -4,6 +4,7 @@ recorded by a refused request (so nothing accepted is ever lost to a limit)."""
 from __future__ import annotations
 
 import gc
+import threading
 from pathlib import Path
 
 import httpx
@@ -139,6 +140,61 @@ async def test_queued_runs_per_tenant(tmp_path: Path) -> None:
         assert (await a.post(RUNS, json={"prompt": "4"})).status_code == 202
         _assert_429(await a.post(RUNS, json={"prompt": "5"}), "tenant-queue")
         await a.post(f"{RUNS}/{running}/cancel")
+
+
+@pytest.mark.parametrize("how", ["single", "batch"])
+async def test_a_submit_whose_earlier_run_is_being_deleted_needs_a_place(
+    tmp_path: Path, how: str
+) -> None:
+    """The quota asks the engine whether a submit creates a run (`Engine.new_runs`): a
+    key whose run's `deleted` is written but not yet applied replays nothing, so the
+    submit needs a place like any new run. (Deciding "replay" from the state alone let
+    it through without one.)"""
+    async with open_live_server(
+        tmp_path, tenant_max_queued=1, durability="fsync", max_concurrency=1
+    ) as srv:
+        c = srv.client
+        key = {"Idempotency-Key": "k"}
+        old = (await c.post(RUNS, json={"prompt": "k"}, headers=key)).json()["job_id"]
+        await wait_status(c, old, "succeeded")
+        slow = (await c.post(RUNS, json={"prompt": "slow", "config": SLOW})).json()["job_id"]
+        journal = srv.engine.journal
+        real = journal.hooks.fsync
+        holding = threading.Event()
+        release = threading.Event()
+
+        def held(fd: int) -> None:
+            holding.set()
+            release.wait(30)
+            real(fd)
+
+        answers: list[httpx.Response] = []
+        answered = trio.Event()
+
+        async def submit_again() -> None:
+            if how == "single":
+                answers.append(await c.post(RUNS, json={"prompt": "k"}, headers=key))
+            else:
+                item = {"prompt": "k", "idempotency_key": "k"}
+                answers.append(await c.post(RUNS + "/batch", json={"runs": [item]}))
+            answered.set()
+
+        journal.hooks.fsync = held
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(c.delete, f"{RUNS}/{old}")
+                await trio.to_thread.run_sync(holding.wait, 30)  # written, not applied
+                nursery.start_soon(submit_again)
+                with trio.move_on_after(10):  # a 429 comes at once; a run waits for the disk
+                    await answered.wait()
+                journal.hooks.fsync = real
+                release.set()
+        finally:
+            journal.hooks.fsync = real
+            release.set()
+        _assert_429(answers[0], "tenant-queue")
+        assert [r.id for r in srv.engine.list().runs] == [slow]
+        await c.post(f"{RUNS}/{slow}/cancel")
 
 
 async def test_concurrent_submits_cannot_slip_past_the_queue_limit(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ async def test_reading_the_last_event_does_not_load_the_whole_history(tmp_path: 
         assert len(events["events"]) > 600
         before_last = events["events"][-2]["id"]
         journal = srv.engine.journal
-        real, real_before = journal.history, journal.history_before
+        real, real_at = journal.history, journal.history_at
         sizes: list[int] = []
         looked_back: list[int] = []
 
@@ -72,13 +72,13 @@ async def test_reading_the_last_event_does_not_load_the_whole_history(tmp_path: 
             sizes.append(len(out))
             return out
 
-        def history_before(run_id: str, *args: Any) -> list[Any]:
-            out = real_before(run_id, *args)
+        def history_at(run_id: str, *args: Any) -> list[Any]:
+            out = real_at(run_id, *args)
             looked_back.append(len(out))
             return out
 
         journal.history = history  # type: ignore[method-assign]
-        journal.history_before = history_before  # type: ignore[method-assign]
+        journal.history_at = history_at  # type: ignore[method-assign]
         page = await srv.client.get(
             f"/api/v1/runs/{run}/events", params={"after": before_last, "limit": 1}
         )
@@ -89,6 +89,7 @@ async def test_reading_the_last_event_does_not_load_the_whole_history(tmp_path: 
         assert status == 200 and len(frames) == 1
         assert sizes and max(sizes) <= 256, sizes
         # ... and not page by page from the start either: only the lines after the resume
-        # point were decoded (looking back for the progress skips output lines unread).
+        # point were decoded (the progress as of it needs no output line, and here no
+        # progress event either: the run reported none).
         assert sum(sizes) <= 10, sizes
         assert sum(looked_back) <= 10, looked_back

@@ -13,6 +13,8 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from fakes.context import Recorder
 from agentjobs.engine import open_engine
 from agentjobs.engine.runners import CommandRunner, RunError
 from agentjobs.engine.runners._orphans import (
+    AttemptRecord,
     AttemptRecords,
     LeftoverReport,
     boot_id,
@@ -310,6 +313,85 @@ async def test_a_cancelled_command_leaves_no_record(tmp_path: Path) -> None:
         nursery.start_soon(cancel_when_up)
         await runner.run(rec.ctx())
     assert list(records.directory.iterdir()) == []
+
+
+async def test_the_record_is_written_off_the_event_loop_before_the_spawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`begin` (mkdir, write, rename), `started` (/proc reads, write, rename) and `remove`
+    run in worker threads, not on trio's thread; still `begin` is done before the command
+    runs and `started` has pinned its pid before the runner does anything else."""
+    loop_thread = threading.get_ident()
+    marker = tmp_path / "ran"
+    calls: list[tuple[str, bool, Any]] = []
+    real_begin = AttemptRecords.begin
+    real_started = AttemptRecord.started
+    real_remove = AttemptRecord.remove
+
+    def begin(self: AttemptRecords, *args: Any, **kwargs: Any) -> AttemptRecord:
+        record = real_begin(self, *args, **kwargs)
+        calls.append(("begin", threading.get_ident() == loop_thread, marker.exists()))
+        return record
+
+    def started(self: AttemptRecord, pid: int, pgid: int | None = None) -> None:
+        real_started(self, pid, pgid)
+        on_disk = orjson.loads(self.path.read_bytes())
+        calls.append(("started", threading.get_ident() == loop_thread, on_disk["pid"] == pid))
+
+    def remove(self: AttemptRecord) -> None:
+        real_remove(self)
+        calls.append(("remove", threading.get_ident() == loop_thread, self.path.exists()))
+
+    monkeypatch.setattr(AttemptRecords, "begin", begin)
+    monkeypatch.setattr(AttemptRecord, "started", started)
+    monkeypatch.setattr(AttemptRecord, "remove", remove)
+    records = AttemptRecords(tmp_path / "attempts")
+    runner = CommandRunner(["sh", "-c", f"touch {marker}; echo up"])
+    runner.attach_attempt_records(records)
+    rec = Recorder()
+    await runner.run(rec.ctx(run_id="run_thread"))
+    assert rec.text == "up\n" and marker.exists()
+    # (name, ran on trio's thread, what it saw: command not started yet / pid on disk /
+    # record still there)
+    assert calls == [("begin", False, False), ("started", False, True), ("remove", False, False)]
+    assert list(records.directory.iterdir()) == []
+
+
+async def test_a_cancel_while_the_record_is_written_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while `begin` is still writing in its thread: the record it writes is
+    removed and no process outlives the run."""
+    writing = threading.Event()
+    real_begin = AttemptRecords.begin
+
+    def slow_begin(self: AttemptRecords, *args: Any, **kwargs: Any) -> AttemptRecord:
+        writing.set()
+        time.sleep(0.3)
+        return real_begin(self, *args, **kwargs)
+
+    monkeypatch.setattr(AttemptRecords, "begin", slow_begin)
+    records = AttemptRecords(tmp_path / "attempts")
+    marker = tmp_path / "ran"
+    runner = CommandRunner(["sh", "-c", f"touch {marker}; exec sleep 30"], kill_grace_s=0.3)
+    runner.attach_attempt_records(records)
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+
+        async def cancel_while_writing() -> None:
+            await trio.to_thread.run_sync(writing.wait, 5)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(cancel_while_writing)
+        await runner.run(rec.ctx(run_id="run_cancel_begin"))
+    assert writing.is_set()
+    assert list(records.directory.iterdir()) == []
+    leftovers = [
+        p.pid
+        for p in psutil.process_iter(["environ"])
+        if "run_cancel_begin" in str((p.info.get("environ") or {}).get("AGENTJOBS_RUN_ID"))
+    ]
+    assert leftovers == []
 
 
 async def test_without_records_nothing_is_written(tmp_path: Path) -> None:

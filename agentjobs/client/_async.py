@@ -143,7 +143,8 @@ class AsyncClient:
         `idempotency_key` unless it has one, so a retry of the whole request after a lost
         answer returns the runs already made (`run.replayed`) instead of making more.
         A refusal of the batch as a whole (422 for its shape, 413, 429, 503 after the
-        retries) raises, and then nothing was submitted.
+        retries) raises. After a 422 or 413 nothing was submitted; after a 429/503 an
+        earlier attempt may have made the runs and lost its answer (docs/client.md).
         """
         response, body = await self._request(batch_call(runs))
         return parse_batch_answer(body, response, self.base_url)

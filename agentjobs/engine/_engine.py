@@ -49,11 +49,11 @@ from .journal import (
     ReplayReport,
 )
 from .metrics import Metrics
-from .model import TERMINAL, Event, EventType, Run, RunSpec, Status, new_run_id
+from .model import TERMINAL, Event, EventType, Progress, Run, RunSpec, Status, new_run_id
 from .runners import EchoRunner, Runner
 from .runners._base import RecordsAttempts
 from .runners._orphans import AttemptRecords
-from .state import State, apply, spec_to_data
+from .state import State, apply, fold_progress, progress_at, spec_to_data
 from .supervisor import Supervisor
 
 __all__ = ["Engine", "EngineConfig", "Page", "SubmitOutcome", "open_engine"]
@@ -166,6 +166,18 @@ def _hashes_differ(a: RunSpec, b: RunSpec) -> bool:
         and b.request_hash is not None
         and a.request_hash != b.request_hash
     )
+
+
+@attrs.define(slots=True)
+class _Plan:
+    """`Engine._plan`'s decisions for a list of submits, by item index."""
+
+    new: list[int] = attrs.Factory(list)  # items that create a run
+    existing: dict[int, Run] = attrs.Factory(dict)  # replays of an earlier run
+    conflicts: dict[int, IdempotencyConflict] = attrs.Factory(dict)  # ...of another request
+    first: dict[tuple[str | None, str], int] = attrs.Factory(dict)  # key -> its new item
+    same_as: dict[int, int] = attrs.Factory(dict)  # later item with a key -> its new item
+    clashes: set[int] = attrs.Factory(set)  # items of `same_as` asking something else
 
 
 class Engine:
@@ -459,63 +471,68 @@ class Engine:
 
     async def submit_spec(self, spec: RunSpec) -> tuple[Run, bool]:
         """Submit a validated spec. Returns (run, replayed): replayed is True for an
-        idempotent repeat of an earlier submit (the original run is returned)."""
-        if not self.accepting:
-            raise EngineClosed("the engine is not accepting runs")
-        key = spec.idempotency_key
-        pending_key = None
-        if key is not None:
-            pending_key = (spec.tenant, key)
-            while True:
-                found = self.state.find_idempotent(
-                    spec.tenant, key, now=self.wall(), window=self.config.idempotency_window_s
-                )
-                if found is not None and found.id not in self._gone:
-                    if (
-                        found.spec.request_hash is not None
-                        and spec.request_hash is not None
-                        and found.spec.request_hash != spec.request_hash
-                    ):
-                        raise IdempotencyConflict(key, found.id)
-                    return _snapshot(found), True
-                inflight = self._pending_keys.get(pending_key)
-                if inflight is None:
-                    break
-                await inflight.wait()  # a submit with this key is being recorded: its answer
-                if not self.accepting:
-                    raise EngineClosed("the engine is not accepting runs")
-        if self.supervisor.queued_count + self._submitting >= self.config.max_queue:
-            raise QueueFull(
-                f"the queue is full ({self.config.max_queue} runs waiting); retry later",
-                retry_after=self.supervisor.retry_hint(),
-            )
-        run_id = new_run_id()
-        self.supervisor.note_bytes(len(spec.prompt))
-        done = trio.Event()
-        if pending_key is not None:
-            self._pending_keys[pending_key] = done
-        self._submitting += 1
-        try:
-            await self.journal.append(run_id, E.SUBMITTED, spec_to_data(spec), sync=True).wait()
-        except JournalWriteError as exc:
-            raise StorageUnavailable(f"could not record the run durably: {exc}") from exc
-        except JournalClosed:
-            raise EngineClosed("the engine is shutting down") from None
-        finally:
-            self._submitting -= 1
-            if pending_key is not None:
-                del self._pending_keys[pending_key]
-            done.set()
-        return _snapshot(self.state.runs[run_id]), False
+        idempotent repeat of an earlier submit (the original run is returned).
+
+        A batch of one (`submit_many`), so that the idempotency rules and the protocol
+        with concurrent submits of the same key exist once; raises what `submit_many`
+        raises, and the item's `IdempotencyConflict`."""
+        (outcome,) = await self.submit_many((spec,))
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.run is not None
+        return outcome.run, outcome.replayed
+
+    def new_runs(self, specs: Sequence[RunSpec]) -> int:
+        """How many runs `submit_many(specs)` would create if it were called now: the
+        items without a key, and the first item of each key that has no live earlier run
+        (an earlier run answers the others: a replay, or a conflict). What a quota must
+        hold room for. A key a concurrent submit is recording counts as new (its run is
+        not recorded yet). The same rules as the submit itself (`_plan`), so the HTTP
+        layer never decides "is this a replay?" on its own."""
+        return len(self._plan(specs).new)
+
+    def _plan(self, specs: Sequence[RunSpec]) -> _Plan:
+        """Decide each item: new run, replay, or conflict (no checkpoint: nothing can
+        change under the decisions until the caller appends). A run whose `deleted` is
+        written but not yet applied (`_gone`) is no longer there to replay."""
+        now = self.wall()
+        window = self.config.idempotency_window_s
+        find = self.state.find_idempotent
+        gone = self._gone
+        plan = _Plan()
+        for i, spec in enumerate(specs):
+            key = spec.idempotency_key
+            if key is None:
+                plan.new.append(i)
+                continue
+            found = find(spec.tenant, key, now=now, window=window)
+            if found is not None and found.id not in gone:
+                if _hashes_differ(found.spec, spec):
+                    plan.conflicts[i] = IdempotencyConflict(key, found.id)
+                else:
+                    plan.existing[i] = found
+                continue
+            pk = (spec.tenant, key)
+            j = plan.first.get(pk)
+            if j is None:
+                plan.first[pk] = i
+                plan.new.append(i)
+            else:
+                plan.same_as[i] = j
+                if _hashes_differ(specs[j], spec):
+                    plan.clashes.add(i)
+        return plan
 
     async def submit_many(self, specs: Sequence[RunSpec]) -> builtins.list[SubmitOutcome]:
         """Submit validated specs together: one journal batch (one write, one fsync).
 
         Returns one `SubmitOutcome` per spec, in order: a new run, an idempotent replay
         (the original run, `replayed=True`), or an `IdempotencyConflict` in `error` (that
-        item only; the others go ahead). Keys follow `submit_spec`'s rules per tenant; a
-        key given twice in `specs` makes the second a replay of the first (same request)
-        or a conflict; a key a concurrent submit is recording is waited for first.
+        item only; the others go ahead). Keys are per tenant: a key whose earlier run is
+        still known (within `idempotency_window_s`, not deleted) is a replay when the
+        request is the same (`request_hash`) and a conflict when it differs; a key given
+        twice in `specs` makes the second a replay of the first (same request) or a
+        conflict; a key a concurrent submit is recording is waited for first.
 
         All or nothing for the rest: `QueueFull` if the new runs do not all fit in
         `max_queue` (nothing written), `StorageUnavailable` if their batch could not be
@@ -524,114 +541,110 @@ class Engine:
         event is appended without a checkpoint in between, so the journal's writer takes
         them as one group commit, and the caller pays one fsync for the lot instead of
         one trio task and one ticket wait per run (docs/benchmarks.md).
+
+        Cancelling the caller once the runs are appended does not take them back: they
+        are recorded all the same (see `_record`).
         """
         if not self.accepting:
             raise EngineClosed("the engine is not accepting runs")
-        n = len(specs)
-        if n == 0:
+        if not specs:
             return []
-        keyed = {(s.tenant, s.idempotency_key) for s in specs if s.idempotency_key is not None}
-        while True:  # wait out every key a concurrent submit is recording, then decide
-            inflight = next(
-                (ev for pk in keyed if (ev := self._pending_keys.get(pk)) is not None), None
-            )
-            if inflight is None:
-                break
-            await inflight.wait()
-            if not self.accepting:
-                raise EngineClosed("the engine is not accepting runs")
+        pending = self._pending_keys
+        if pending:  # wait out every key a concurrent submit is recording, then decide
+            keyed = {(s.tenant, s.idempotency_key) for s in specs if s.idempotency_key is not None}
+            while (
+                inflight := next((ev for pk in keyed if (ev := pending.get(pk)) is not None), None)
+            ) is not None:
+                await inflight.wait()
+                if not self.accepting:
+                    raise EngineClosed("the engine is not accepting runs")
         # From here to the appends: no checkpoint, so nothing can change under the decisions.
-        now = self.wall()
-        window = self.config.idempotency_window_s
-        state = self.state
-        gone = self._gone
-        existing: dict[int, Run] = {}  # item -> earlier run it replays
-        conflicts: dict[int, IdempotencyConflict] = {}  # item -> conflict with an earlier run
-        same_as: dict[int, int] = {}  # item -> earlier item of this batch with its key
-        clashes: set[int] = set()  # items of `same_as` whose request differs: conflicts
-        first: dict[tuple[str | None, str], int] = {}
-        new: builtins.list[int] = []
-        for i, spec in enumerate(specs):
-            key = spec.idempotency_key
-            if key is None:
-                new.append(i)
-                continue
-            pk = (spec.tenant, key)
-            found = state.find_idempotent(spec.tenant, key, now=now, window=window)
-            if found is not None and found.id not in gone:
-                if _hashes_differ(found.spec, spec):
-                    conflicts[i] = IdempotencyConflict(key, found.id)
-                else:
-                    existing[i] = found
-                continue
-            j = first.get(pk)
-            if j is None:
-                first[pk] = i
-                new.append(i)
+        plan = self._plan(specs)
+        new = plan.new
+        ids = await self._record(specs, plan) if new else {}
+        runs = self.state.runs
+        out: builtins.list[SubmitOutcome] = []
+        for i in range(len(specs)):
+            if i in ids:
+                out.append(SubmitOutcome(_snapshot(runs[ids[i]]), False))
+            elif i in plan.clashes:
+                conflict = IdempotencyConflict(specs[i].idempotency_key or "", ids[plan.same_as[i]])
+                out.append(SubmitOutcome(None, False, conflict))
+            elif i in plan.same_as:
+                out.append(SubmitOutcome(_snapshot(runs[ids[plan.same_as[i]]]), True))
+            elif i in plan.conflicts:
+                out.append(SubmitOutcome(None, False, plan.conflicts[i]))
             else:
-                same_as[i] = j
-                if _hashes_differ(specs[j], spec):
-                    clashes.add(i)
-        if new and self.supervisor.queued_count + self._submitting + len(new) > (
-            self.config.max_queue
-        ):
+                out.append(SubmitOutcome(_snapshot(plan.existing[i]), True))
+        return out
+
+    async def _record(self, specs: Sequence[RunSpec], plan: _Plan) -> dict[int, str]:
+        """Append the `submitted` events of `plan.new` as one batch and wait until it is
+        durable and applied; the new run ids by item.
+
+        The keys this records are marked pending (`_pending_keys`) until the batch is
+        resolved, so that a concurrent submit of the same key waits for this run instead
+        of recording a second one. The wait is shielded from the caller's cancellation
+        (an HTTP client that went away): once appended, the events are written and
+        applied whatever the caller does, and releasing the keys earlier would let that
+        concurrent submit find neither the run nor the marker. The shielded wait ends
+        as soon as the journal resolves the batch, which it always does: while the engine
+        is open its writer commits or fails each batch it takes (one write and fsync
+        away), and a writer that stops, cancelled or closed, fails what is left
+        (`Journal.run`; `Journal.aclose` when no writer runs). The caller's cancellation
+        is then delivered at its next checkpoint.
+        """
+        new = plan.new
+        if self.supervisor.queued_count + self._submitting + len(new) > self.config.max_queue:
             raise QueueFull(
-                f"the queue cannot take {len(new)} more runs ({self.config.max_queue} may "
-                "wait); nothing was submitted; retry later",
+                f"the queue is full ({self.config.max_queue} runs waiting); retry later"
+                if len(specs) == 1
+                else f"the queue cannot take {len(new)} more runs ({self.config.max_queue} "
+                "may wait); nothing was submitted; retry later",
                 retry_after=self.supervisor.retry_hint(),
             )
-        ids: dict[int, str] = {}
         datas = [spec_to_data(specs[i]) for i in new]
-        try:  # any encoding error now, before the first append: all or nothing
-            orjson.dumps(datas)
-        except TypeError as exc:
-            raise InvalidRequest("config", f"must be JSON-serialisable: {exc}") from None
-        journal = self.journal
-        append = journal.append
+        if len(datas) > 1:
+            try:  # any encoding error now, before the first append: all or nothing
+                orjson.dumps(datas)
+            except TypeError as exc:
+                raise InvalidRequest("config", f"must be JSON-serialisable: {exc}") from None
+        append = self.journal.append
         note = self.supervisor.note_bytes
+        ids: dict[int, str] = {}
         tickets = []
         try:
             for i, data in zip(new, datas, strict=True):
                 run_id = ids[i] = new_run_id()
                 tickets.append(append(run_id, E.SUBMITTED, data, sync=True))
                 note(len(specs[i].prompt))
+        except TypeError as exc:  # one item, not checked above: nothing was queued
+            raise InvalidRequest("config", f"must be JSON-serialisable: {exc}") from None
         except JournalClosed:
             raise EngineClosed("the engine is shutting down") from None
         except JournalError as exc:  # broken journal: raised before anything was queued
             raise StorageUnavailable(f"could not record the runs durably: {exc}") from exc
-        for i in clashes:
-            conflicts[i] = IdempotencyConflict(specs[i].idempotency_key or "", ids[same_as[i]])
-        if tickets:
-            done = trio.Event()
-            mine = [pk for pk, i in first.items() if i in ids]
-            for pk in mine:
-                self._pending_keys[pk] = done
-            self._submitting += len(tickets)
-            try:
+        done = trio.Event()
+        mine = [pk for pk, i in plan.first.items() if i in ids]
+        pending = self._pending_keys
+        for pk in mine:
+            pending[pk] = done
+        self._submitting += len(tickets)
+        try:
+            with trio.CancelScope(shield=True):
                 # one batch: every ticket shares it, so the last one answers for all
                 await tickets[-1].wait()
-            except JournalWriteError as exc:
-                raise StorageUnavailable(f"could not record the runs durably: {exc}") from exc
-            except JournalClosed:
-                raise EngineClosed("the engine is shutting down") from None
-            finally:
-                self._submitting -= len(tickets)
-                for pk in mine:
-                    if self._pending_keys.get(pk) is done:
-                        del self._pending_keys[pk]
-                done.set()
-        runs = state.runs
-        out: builtins.list[SubmitOutcome] = []
-        for i in range(n):
-            if i in conflicts:
-                out.append(SubmitOutcome(None, False, conflicts[i]))
-            elif i in existing:
-                out.append(SubmitOutcome(_snapshot(existing[i]), True))
-            elif i in same_as:
-                out.append(SubmitOutcome(_snapshot(runs[ids[same_as[i]]]), True))
-            else:
-                out.append(SubmitOutcome(_snapshot(runs[ids[i]]), False))
-        return out
+        except JournalWriteError as exc:
+            raise StorageUnavailable(f"could not record the runs durably: {exc}") from exc
+        except JournalClosed:
+            raise EngineClosed("the engine is shutting down") from None
+        finally:
+            self._submitting -= len(tickets)
+            for pk in mine:
+                if pending.get(pk) is done:
+                    del pending[pk]
+            done.set()
+        return ids
 
     # -- reading -----------------------------------------------------------------------
 
@@ -755,6 +768,33 @@ class Engine:
         if self.config.durability == "memory":
             return read(run_id, before_seq, limit, types)
         return await trio.to_thread.run_sync(read, run_id, before_seq, limit, types)
+
+    async def progress_at(self, run_id: str, seq: int, *, tenant: str | None = None) -> Progress:
+        """The run's progress as of its event `seq` (what a stream resuming after `seq`
+        starts from), without reading the output in between.
+
+        From the run's state when its progress has not changed since `seq` (O(1), the
+        common case of a reconnect); else from a mark of its `ProgressTrail` and at most
+        `PROGRESS_MARK_EVERY - 1` `progress` events read by seq (from the bus's tail of a
+        live run, else the journal: a few binary searches of the run's index).
+        """
+        run = self._visible(run_id, tenant)
+        progress, seqs = progress_at(run, seq)
+        if not seqs:
+            return progress
+        events = self.bus.tail_at(run_id, seqs)
+        if events is None:
+            read = self.journal.history_at
+            if self.config.durability == "memory":
+                events = read(run_id, seqs)
+            else:
+                events = await trio.to_thread.run_sync(read, run_id, seqs)
+        if [ev.seq for ev in events] != seqs:
+            self._visible(run_id, tenant)  # deleted meanwhile: NotFound
+            raise JournalError(f"history of {run_id}: progress events {seqs} not all found")
+        for ev in events:
+            progress = fold_progress(progress, ev.data)
+        return progress
 
     def subscribe(
         self, run_id: str, after_seq: int = 0, *, tenant: str | None = None

@@ -238,6 +238,22 @@ class Bus:
         out.reverse()
         return out
 
+    def tail_at(self, run_id: str, seqs: Sequence[int]) -> list[Event] | None:
+        """The run's events with exactly these seqs (ascending), from its tail; None if
+        the tail does not hold them all (then the journal does)."""
+        tail = self._tails.get(run_id)
+        if tail is None or not seqs or seqs[0] <= tail.floor:
+            return None
+        events = tail.events
+        out: list[Event] = []
+        lo = 0
+        for seq in seqs:
+            lo = bisect.bisect_left(events, seq, lo, key=_seq_of)
+            if lo == len(events) or events[lo].seq != seq:
+                return None
+            out.append(events[lo])
+        return out
+
     async def follow(
         self,
         run_id: str,

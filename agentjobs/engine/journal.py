@@ -54,7 +54,7 @@ import sys
 import time
 import zlib
 from array import array
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar
 
@@ -802,11 +802,12 @@ class _RunLines:
             raise JournalError(f"history of {self.run}: index points at a line of {event.run}")
         return event
 
-    def first_after(self, seq: int) -> int:
-        """Index of the first line with a seq above `seq` (len when there is none)."""
-        lo, hi = 0, self._n
+    def first_after(self, seq: int, lo: int = 0) -> int:
+        """Index of the first line with a seq above `seq` (len when there is none), at or
+        after line `lo` (the caller knows the ones before are at or below `seq`)."""
+        hi = self._n
         if seq <= 0:
-            return 0
+            return lo
         while lo < hi:
             mid = (lo + hi) // 2
             head = self.head(mid)
@@ -1515,6 +1516,17 @@ class Journal:
         wanted = None if types is None else frozenset(t.value for t in types)
         return self._consistent(run, lambda: self._read_before(run, before_seq, limit, wanted))
 
+    def history_at(self, run: str, seqs: Sequence[int]) -> list[Event]:
+        """The run's events with exactly these seqs (ascending), oldest first; a seq the
+        run has no event at is left out.
+
+        For the few `progress` events a resuming stream folds (their seqs are known from
+        the run's `ProgressTrail`): each is found by binary search over the run's index
+        from where the one before it was, so a handful of events costs a handful of
+        binary searches whatever lies between them (100,000s of output lines, say).
+        """
+        return self._consistent(run, lambda: self._read_at(run, seqs))
+
     def _consistent(self, run: str, read: Callable[[], list[Event]]) -> list[Event]:
         for _ in range(100):
             gen = self._generation
@@ -1540,6 +1552,23 @@ class Journal:
         if events and events[0].seq <= after_seq:  # the heads searched are not checksummed
             raise JournalError(f"history of {run}: line heads disagree with their lines")
         return events
+
+    def _read_at(self, run: str, seqs: Sequence[int]) -> list[Event]:
+        out: list[Event] = []
+        with _RunLines(self, run) as lines:
+            lo = 0
+            for seq in seqs:
+                k = lines.first_after(seq - 1, lo)
+                if k >= len(lines):
+                    break
+                event = lines.event(k)
+                if event.seq < seq:  # the heads searched are not checksummed
+                    raise JournalError(f"history of {run}: line heads disagree with their lines")
+                if event.seq == seq:
+                    out.append(event)
+                    k += 1
+                lo = k
+        return out
 
     def _read_before(
         self, run: str, before_seq: int, limit: int | None, wanted: frozenset[str] | None

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import enum
 import secrets
+from array import array
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import attrs
 
@@ -31,10 +32,12 @@ __all__ = [
     "DONE_PROGRESS",
     "EMPTY_CONFIG",
     "NO_PROGRESS",
+    "PROGRESS_MARK_EVERY",
     "TERMINAL",
     "Event",
     "EventType",
     "Progress",
+    "ProgressTrail",
     "Run",
     "RunSpec",
     "Status",
@@ -84,7 +87,9 @@ def isoformat(ts: float | None) -> str | None:
     """Epoch seconds -> `2026-11-28T21:08:57.123456Z` (None stays None)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat + slice, not strftime: the same text (checked against it for 200k random
+    # times) in 70% of the time, and this runs several times per answered request
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 class _EmptyConfig(dict[str, Any]):
@@ -152,6 +157,35 @@ class Progress:
 NO_PROGRESS = Progress()
 DONE_PROGRESS = Progress(100.0)
 
+#: A `ProgressTrail` keeps the folded progress at every this many of its entries: looking
+#: up the progress as of an old event then folds at most this many - 1 `progress` events.
+PROGRESS_MARK_EVERY: Final = 16
+
+
+@attrs.define(slots=True, weakref_slot=False)
+class ProgressTrail:
+    """Where a run's progress changed, so its progress as of any past event is cheap to
+    find (a stream resuming there needs it, and its output may be 100,000s of lines).
+
+    Only runs that reported progress have a trail (`Run.progress_trail`): before its
+    first `progress` event a run's progress is the initial one whatever else happened.
+
+    `seqs`: the seq of each event that changed the progress since the first `progress`
+    event, in order: `progress` events, `started` ones (a reset to nothing; stored
+    negated, so a lookup knows one without reading it) and `succeeded` (100 %: always
+    the last entry). `marks[k]`: the progress after entry `(k + 1) * PROGRESS_MARK_EVERY
+    - 1` (a `Progress` the run held anyway). So the progress after any event is the
+    current `Run.progress`, or a mark (or the initial progress) plus at most
+    `PROGRESS_MARK_EVERY - 1` `progress` events whose seqs are known
+    (`state.progress_at`).
+
+    A short trail (no mark yet) is kept packed instead, as the bytes of its seqs (8-byte
+    signed, native order): ~50 bytes for a run with one report rather than ~180.
+    """
+
+    seqs: array[int]
+    marks: list[Progress]
+
 
 @attrs.frozen(slots=True)
 class Event:
@@ -198,6 +232,9 @@ class Run:
     last_seq: int = 0  # seq of the newest event about this run
     terminal_seq: int | None = None  # seq of its succeeded/failed/cancelled event
     webhook: WebhookState | None = None
+    # where its progress changed: None until its first `progress` event, then packed
+    # bytes, then a ProgressTrail (see there); 8 bytes a run without progress reports
+    progress_trail: bytes | ProgressTrail | None = None
 
     @property
     def finished(self) -> bool:

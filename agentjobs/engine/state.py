@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import sys
+from array import array
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -35,17 +36,28 @@ from . import machine
 from .model import (
     DONE_PROGRESS,
     NO_PROGRESS,
+    PROGRESS_MARK_EVERY,
     TERMINAL,
     Event,
     EventType,
     Progress,
+    ProgressTrail,
     Run,
     RunSpec,
     Status,
     WebhookState,
 )
 
-__all__ = ["State", "apply", "replay", "shrink_dict", "spec_from_data", "spec_to_data"]
+__all__ = [
+    "State",
+    "apply",
+    "fold_progress",
+    "progress_at",
+    "replay",
+    "shrink_dict",
+    "spec_from_data",
+    "spec_to_data",
+]
 
 E = EventType
 
@@ -286,14 +298,11 @@ def apply(state: State, event: Event) -> State:
         run.progress = NO_PROGRESS
         run.error = None
         run.error_kind = None
+        if run.progress_trail is not None:
+            _trail_add(run, -event.seq, NO_PROGRESS)
     elif etype is E.PROGRESS:
-        old = run.progress
-        run.progress = Progress(
-            percentage=data.get("percentage", old.percentage),
-            step=data.get("step", old.step),
-            steps_completed=data.get("steps_completed", old.steps_completed),
-            steps_total=data.get("steps_total", old.steps_total),
-        )
+        run.progress = fold_progress(run.progress, data)
+        _trail_add(run, event.seq, run.progress)
     elif etype is E.OUTPUT:
         pass  # output lives in the journal (for streams), not in the folded state
     elif etype is E.CANCEL_REQUESTED:
@@ -307,6 +316,8 @@ def apply(state: State, event: Event) -> State:
             run.progress = DONE_PROGRESS  # shared (frozen): no steps were reported
         else:
             run.progress = Progress(100.0, old.step, old.steps_completed, old.steps_total)
+        if run.progress_trail is not None:
+            _trail_add(run, event.seq, run.progress)
         _finish(run)
     elif etype is E.FAILED:
         run.error = data.get("error")
@@ -343,6 +354,83 @@ def apply(state: State, event: Event) -> State:
         hook.next_attempt_at = data.get("at", event.ts)
         run.webhook = hook
     return state
+
+
+_PACKED_FULL = 8 * PROGRESS_MARK_EVERY  # bytes of a packed trail that takes its first mark
+
+
+def _trail_add(run: Run, entry: int, progress: Progress) -> None:
+    """Record in the run's progress trail that an event changed its progress to
+    `progress`: `entry` is the event's seq, negated for a `started` (a reset)."""
+    trail = run.progress_trail
+    if trail is None or type(trail) is bytes:
+        packed = entry.to_bytes(8, sys.byteorder, signed=True)
+        if trail is not None:
+            packed = trail + packed
+        if len(packed) < _PACKED_FULL:
+            run.progress_trail = packed
+            return
+        seqs = array("q")
+        seqs.frombytes(packed)
+        run.progress_trail = ProgressTrail(seqs, [progress])
+        return
+    assert isinstance(trail, ProgressTrail)
+    trail.seqs.append(entry)
+    if len(trail.seqs) % PROGRESS_MARK_EVERY == 0:
+        trail.marks.append(progress)
+
+
+def fold_progress(progress: Progress, data: dict[str, Any]) -> Progress:
+    """`progress` after a `progress` event with `data` (each key it has replaces one)."""
+    return Progress(
+        percentage=data.get("percentage", progress.percentage),
+        step=data.get("step", progress.step),
+        steps_completed=data.get("steps_completed", progress.steps_completed),
+        steps_total=data.get("steps_total", progress.steps_total),
+    )
+
+
+def progress_at(run: Run, seq: int) -> tuple[Progress, list[int]]:
+    """The run's progress after its events up to `seq`, as `(base, seqs)`: fold the
+    `progress` events at `seqs` (oldest first; fewer than `PROGRESS_MARK_EVERY`) into
+    `base` with `fold_progress` to get it.
+
+    O(1) when the progress has not changed since `seq` (the run's current progress, no
+    events to read), O(log n) in the run's progress reports otherwise: whatever output
+    the run wrote in between, nothing is searched for.
+    """
+    trail = run.progress_trail
+    if trail is None:  # no progress reported: the initial progress, or the final 100 %
+        end = run.terminal_seq
+        if end is not None and seq >= end and run.status is Status.SUCCEEDED:
+            return run.progress, []
+        return NO_PROGRESS, []
+    if type(trail) is bytes:
+        seqs = array("q")
+        seqs.frombytes(trail)
+        marks: list[Progress] = []
+    else:
+        assert isinstance(trail, ProgressTrail)
+        seqs, marks = trail.seqs, trail.marks
+    i = bisect.bisect_right(seqs, seq, key=abs) - 1
+    if i < 0:
+        return NO_PROGRESS, []
+    if i == len(seqs) - 1:
+        return run.progress, []
+    done = (i + 1) // PROGRESS_MARK_EVERY  # marks at or before entry i
+    if done:
+        base, first = marks[done - 1], done * PROGRESS_MARK_EVERY
+    else:
+        base, first = NO_PROGRESS, 0
+    todo: list[int] = []
+    for k in range(i, first - 1, -1):
+        at = seqs[k]
+        if at < 0:  # a `started` since the mark: nothing before it counts
+            todo.reverse()
+            return NO_PROGRESS, todo
+        todo.append(at)
+    todo.reverse()
+    return base, todo
 
 
 def _finish(run: Run) -> None:

@@ -43,6 +43,7 @@ from .limits import (
     Receive,
     RequestGuard,
     Send,
+    content_length,
     finish_response,
     read_rest,
     refusal,
@@ -179,11 +180,11 @@ class FastPath:
         headers = _headers(scope)
         if _TRANSFER_ENCODING in headers:
             return False  # chunked: counted by the guard as it arrives
-        declared = headers.get(_CONTENT_LENGTH)
-        if declared is None or not declared.isdigit():
+        declared = content_length(scope)
+        if declared is None:
             return False
         limit = self.guard.path_limits.get(path, self.guard.limit)
-        if int(declared) > limit:
+        if declared > limit:
             return False  # the guard refuses it (413) before anything else
         state = self.state
         received = 0

@@ -16,7 +16,7 @@ the body reader, so the functions cannot depend on which one called them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +25,12 @@ import orjson
 import trio
 from werkzeug.http import parse_options_header
 
-from ..engine import EngineError, NotFinished
+from ..engine import EngineError, NotFinished, RunSpec
 from ..engine.ssrf import UnsafeWebhookURL
 from .auth import presented_key
 from .errors import PROBLEM_CONTENT_TYPE, FieldError, Problem, from_engine_error, validation
 from .quotas import LimitExceeded
-from .schemas import parse_submit, parse_wait
+from .schemas import Submit, parse_submit, parse_wait
 from .views import result_view, retry_after, status_view, submit_view
 
 if TYPE_CHECKING:
@@ -39,12 +39,15 @@ if TYPE_CHECKING:
 __all__ = [
     "JSON",
     "Answer",
+    "admit_submit",
     "authenticate",
     "handle_result",
     "handle_status",
     "handle_submit",
     "is_json",
     "problem_for",
+    "screen_webhooks",
+    "spec_from_submit",
     "unauthorized",
 ]
 
@@ -177,15 +180,78 @@ def is_json(mimetype: str) -> bool:
     return mimetype == JSON or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
-def _is_replay(state: AppState, tenant: str | None, key: str | None) -> bool:
-    """Would this submit be answered with an earlier run (no new work)?"""
-    if key is None:
-        return False
-    engine = state.engine
-    found = engine.state.find_idempotent(
-        tenant, key, now=engine.wall(), window=engine.config.idempotency_window_s
+def admit_submit(state: AppState, tenant: str | None, content_type: str | None) -> None:
+    """The refusals of a submit (one run or a batch) that come before its body is read:
+    the tenant's submit rate (one token; a batch settles the rest once its items are
+    counted, `SubmitRate.take`), then the media type. The cheapest refusal first, and a
+    refused client's body is never parsed."""
+    if state.submit_rate is not None:
+        state.submit_rate.take(tenant)
+    if not is_json(_mimetype(content_type or "")):
+        got = content_type or "none"
+        raise Problem(
+            "unsupported-media-type",
+            f"send the body as JSON with Content-Type: application/json (got {got})",
+        )
+
+
+_SCREEN_AT_ONCE = 16  # distinct webhook URLs of one batch screened at once
+
+
+async def screen_webhooks(state: AppState, urls: Collection[str]) -> dict[str, str]:
+    """Each distinct webhook URL through the outbox's SSRF check (which may resolve a host
+    name; a batch's, a few at once): the refused ones, with the reason. `spec_from_submit`
+    turns a refused one into the item's 422."""
+    outbox = state.outbox
+    refused: dict[str, str] = {}
+    if outbox is None or not urls:
+        return refused
+
+    async def check(url: str) -> None:
+        try:
+            await outbox.check(url)
+        except UnsafeWebhookURL as exc:
+            refused[url] = exc.reason
+
+    if len(urls) == 1:  # a single submit: no nursery for one lookup
+        await check(next(iter(urls)))
+        return refused
+    limiter = trio.CapacityLimiter(_SCREEN_AT_ONCE)
+
+    async def limited(url: str) -> None:
+        async with limiter:
+            await check(url)
+
+    async with trio.open_nursery() as nursery:
+        for url in urls:
+            nursery.start_soon(limited, url)
+    return refused
+
+
+def spec_from_submit(
+    state: AppState, tenant: str | None, parsed: Submit, refused: Mapping[str, str]
+) -> RunSpec:
+    """The engine's spec for a validated submit (`POST /api/v1/runs`, or a batch item).
+    Raises the 422 `Problem` for a webhook URL that `screen_webhooks` refused, or the
+    engine's `InvalidRequest` / `UnknownRunner`."""
+    body = parsed.body
+    url = body.webhook_url
+    if url is not None and url in refused:
+        raise validation([FieldError("webhook_url", refused[url])])
+    return state.engine.make_spec(
+        body.prompt,
+        config=body.config,
+        session_id=body.session_id,
+        priority=body.priority or 0,
+        timeout=body.timeout,
+        max_attempts=body.max_attempts,
+        runner=body.runner,
+        webhook_url=url,
+        idempotency_key=parsed.idempotency_key,
+        request_hash=parsed.request_hash,
+        tenant=tenant,
+        ttl=body.ttl,
     )
-    return found is not None
 
 
 async def handle_submit(
@@ -196,44 +262,19 @@ async def handle_submit(
     idempotency_key: str | None,
     read_body: Callable[[], Awaitable[bytes]],
 ) -> Answer:
-    """`POST /api/v1/runs`. `read_body` is called once, after the cheap refusals (rate,
-    content type): a refused client's body is never parsed. Raises `Problem`,
-    `LimitExceeded` or `EngineError` (see `problem_for`)."""
-    if state.submit_rate is not None:
-        # First, before the body is even read: the cheapest refusal protects the rest.
-        state.submit_rate.take(tenant)
-    if not is_json(_mimetype(content_type or "")):
-        got = content_type or "none"
-        raise Problem(
-            "unsupported-media-type",
-            f"send the body as JSON with Content-Type: application/json (got {got})",
-        )
-    raw = await read_body()
-    parsed = parse_submit(raw, idempotency_key)
-    body = parsed.body
-    outbox = state.outbox
-    if body.webhook_url is not None and outbox is not None:
-        try:  # resolves the host (asynchronously): where would the delivery go?
-            await outbox.check(body.webhook_url)
-        except UnsafeWebhookURL as exc:
-            raise validation([FieldError("webhook_url", exc.reason)]) from None
+    """`POST /api/v1/runs`. `read_body` is called once, after the cheap refusals
+    (`admit_submit`). Raises `Problem`, `LimitExceeded` or `EngineError` (see
+    `problem_for`)."""
+    admit_submit(state, tenant, content_type)
+    parsed = parse_submit(await read_body(), idempotency_key)
+    url = parsed.body.webhook_url
+    refused = await screen_webhooks(state, (url,)) if url is not None else {}
+    spec = spec_from_submit(state, tenant, parsed, refused)
     engine = state.engine
-    spec = engine.make_spec(
-        body.prompt,
-        config=body.config,
-        session_id=body.session_id,
-        priority=body.priority or 0,
-        timeout=body.timeout,
-        max_attempts=body.max_attempts,
-        runner=body.runner,
-        webhook_url=body.webhook_url,
-        idempotency_key=parsed.idempotency_key,
-        request_hash=parsed.request_hash,
-        tenant=tenant,
-        ttl=body.ttl,
-    )
     active = state.active_runs
-    if active is not None and not _is_replay(state, tenant, parsed.idempotency_key):
+    # the quota holds a place only for a submit that creates a run (not a replay), as the
+    # engine decides it (`Engine.new_runs`)
+    if active is not None and engine.new_runs((spec,)):
         with active.reserve(tenant):  # 429 here: nothing was written
             run, replayed = await engine.submit_spec(spec)
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -42,7 +43,6 @@ from ._handlers import (
     handle_result,
     handle_status,
     handle_submit,
-    is_json,
     problem_for,
     unauthorized,
 )
@@ -116,9 +116,6 @@ def state_of(app: Quart) -> AppState:
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status=status, headers=headers, content_type=_JSON)
-
-
-_is_json = is_json
 
 
 def _respond(answer: Answer) -> Response:
@@ -298,24 +295,35 @@ def create_app(
 
     # -- runs -----------------------------------------------------------------------------
 
-    # submit, get_run and get_result are _handlers.py's, shared with the fast path.
+    # submit, get_run and get_result are _handlers.py's, shared with the fast path; the
+    # batch is batch.py's, called the same way as the submit.
 
-    async def submit() -> Response:
-        async def read_body() -> bytes:
-            try:
-                return await request.get_data(cache=False, as_text=False, parse_form_data=False)
-            except RequestEntityTooLarge:
-                raise _too_large() from None
+    def submit_route(
+        handle: Callable[..., Awaitable[Answer]], too_large: Callable[[], Problem]
+    ) -> Callable[[], Awaitable[Response]]:
+        """A quart route for `handle_submit` or `batch.handle_batch`: the request's
+        headers and body reader handed over, its answer sent."""
 
-        headers = request.headers
-        answer = await handle_submit(
-            state,
-            current_tenant(),
-            content_type=headers.get("Content-Type"),
-            idempotency_key=headers.get(IDEMPOTENCY_HEADER),
-            read_body=read_body,
-        )
-        return _respond(answer)
+        async def route() -> Response:
+            async def read_body() -> bytes:
+                try:
+                    return await request.get_data(cache=False, as_text=False, parse_form_data=False)
+                except RequestEntityTooLarge:
+                    raise too_large() from None
+
+            headers = request.headers
+            answer = await handle(
+                state,
+                current_tenant(),
+                content_type=headers.get("Content-Type"),
+                idempotency_key=headers.get(IDEMPOTENCY_HEADER),
+                read_body=read_body,
+            )
+            return _respond(answer)
+
+        return route
+
+    submit = submit_route(handle_submit, _too_large)
 
     async def list_runs() -> Response:
         q = parse_list_query(request.args, _STATUSES)
@@ -348,24 +356,10 @@ def create_app(
         app.add_url_rule(path, "submit" + path, submit, methods=["POST"])
         app.add_url_rule(path, "list" + path, list_runs, methods=["GET"])
 
-    async def submit_batch() -> Response:
-        """Many submits, one group commit (batch.py has the rules)."""
-        tenant = current_tenant()
-        if state.submit_rate is not None:
-            state.submit_rate.take(tenant)  # one token now; the rest once the items are counted
-        if request.headers.get(IDEMPOTENCY_HEADER) is not None:
-            raise batch_api.header_refused()
-        if not _is_json(request.mimetype):
-            got = request.content_type or "none"
-            raise Problem(
-                "unsupported-media-type",
-                f"send the body as JSON with Content-Type: application/json (got {got})",
-            )
-        try:
-            raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-        except RequestEntityTooLarge:
-            raise batch_api.too_large(settings.max_batch_bytes) from None
-        return _json(await batch_api.submit_batch(state, tenant, raw))
+    # Many submits, one group commit (batch.py has the rules).
+    submit_batch = submit_route(
+        batch_api.handle_batch, lambda: batch_api.too_large(settings.max_batch_bytes)
+    )
 
     for path in (batch_api.BATCH_PATH, batch_api.BATCH_PATH + "/"):
         app.add_url_rule(path, "submit_batch" + path, submit_batch, methods=["POST"])
@@ -395,12 +389,13 @@ def create_app(
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if request.method == "HEAD":  # quart would iterate the body until the run ends
             return Response(b"", status=200, content_type=_SSE, headers=headers)
-        # Read only what comes after the resume point; the progress folded up to it is
-        # looked up backwards (from memory for a live run).
-        start = resume.start_after
-        builder = await resume_builder(engine, run_id, start, tenant=tenant)
+        # The tenant's stream slot first: a tenant at its limit costs nothing more. Then
+        # read only what comes after the resume point; the progress as of it comes from
+        # the run's progress trail (O(1) when it has not changed since).
         slot = state.stream_slots.acquire(tenant) if state.stream_slots is not None else None
+        start = resume.start_after
         try:
+            builder = await resume_builder(engine, run_id, start, tenant=tenant)
             body = EventStreamBody(
                 job_id=run_id,
                 events=engine.subscribe(run_id, start, tenant=tenant),

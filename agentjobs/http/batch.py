@@ -10,21 +10,26 @@ the whole request with nothing written. The new runs are recorded by
 `Engine.submit_many`: one journal batch, one write and one fsync for all of them.
 
 Per-tenant limits count a batch of N items as N submits: N tokens of the submit-rate
-bucket (all or none; a batch larger than the bucket's burst could never pass, so it is a
-422 that says so rather than a 429 that would be retried for ever), and N places of the
-active-runs quota (only the items that would create a run: replays and invalid items take
-none), reserved all or none before anything is written.
+bucket (all or none, its `Retry-After` the wait until all N are there), and N places of
+the active-runs quota (only the items that would create a run, as `Engine.new_runs`
+counts them: replays and invalid items take none), reserved all or none before anything
+is written. A batch that could never pass one of them (more items than the bucket's
+burst, more new runs than the quota) is a 422 that says so rather than a 429 that would
+be retried for ever.
+
+The parts it shares with `POST /api/v1/runs` are _handlers.py's: the refusals before the
+body (`admit_submit`), the webhook screen (`screen_webhooks`) and the spec
+(`spec_from_submit`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from ..engine import EngineError, RunSpec
-from ..engine.ssrf import UnsafeWebhookURL
+from ._handlers import Answer, admit_submit, screen_webhooks, spec_from_submit
 from .errors import FieldError, Problem, from_engine_error, validation
 from .schemas import IDEMPOTENCY_HEADER, Submit, parse_batch, validate_submit
 from .views import batch_item_view
@@ -32,11 +37,9 @@ from .views import batch_item_view
 if TYPE_CHECKING:
     from .app import AppState
 
-__all__ = ["BATCH_PATH", "header_refused", "submit_batch", "too_large"]
+__all__ = ["BATCH_PATH", "handle_batch", "header_refused", "submit_batch", "too_large"]
 
 BATCH_PATH = "/api/v1/runs/batch"
-# Distinct webhook URLs of one batch screened at once (each may resolve a host name).
-_SCREEN_AT_ONCE = 16
 
 
 def header_refused() -> Problem:
@@ -63,47 +66,27 @@ def _item_problem(index: int, problem: Problem) -> dict[str, Any]:
     return {"index": index, "status": problem.status, "problem": problem.body()}
 
 
-async def _screen(state: AppState, urls: set[str]) -> dict[str, str]:
-    """Each distinct webhook URL through the outbox's SSRF check, a few at once: the
-    refused ones, with the reason."""
-    outbox = state.outbox
-    refused: dict[str, str] = {}
-    if outbox is None or not urls:
-        return refused
-    limiter = trio.CapacityLimiter(_SCREEN_AT_ONCE)
-
-    async def check(url: str) -> None:
-        async with limiter:
-            try:
-                await outbox.check(url)
-            except UnsafeWebhookURL as exc:
-                refused[url] = exc.reason
-
-    async with trio.open_nursery() as nursery:
-        for url in urls:
-            nursery.start_soon(check, url)
-    return refused
+async def handle_batch(
+    state: AppState,
+    tenant: str | None,
+    *,
+    content_type: str | None,
+    idempotency_key: str | None,
+    read_body: Callable[[], Awaitable[bytes]],
+) -> Answer:
+    """`POST /api/v1/runs/batch`, called as `handle_submit` is: the same refusals before
+    the body is read (`admit_submit`: one rate token, the media type), then the
+    `Idempotency-Key` header refused, then the body (`read_body` raises the 413)."""
+    admit_submit(state, tenant, content_type)
+    if idempotency_key is not None:
+        raise header_refused()
+    return Answer.json(await submit_batch(state, tenant, await read_body()))
 
 
-def _new_runs(state: AppState, specs: list[RunSpec]) -> int:
-    """How many of `specs` would create a run (not a replay of an earlier one, nor of an
-    earlier item): the places the tenant's quota must hold."""
-    engine = state.engine
-    now = engine.wall()
-    window = engine.config.idempotency_window_s
-    seen: set[tuple[str | None, str]] = set()
-    count = 0
-    for spec in specs:
-        key = spec.idempotency_key
-        if key is None:
-            count += 1
-            continue
-        if (spec.tenant, key) in seen:
-            continue
-        seen.add((spec.tenant, key))
-        if engine.state.find_idempotent(spec.tenant, key, now=now, window=window) is None:
-            count += 1
-    return count
+def _never_fits(detail: str) -> Problem:
+    """A batch that no wait could let through a per-tenant limit: a 422 naming `runs`,
+    not a 429 that a client would retry for ever."""
+    return validation([FieldError("runs", f"{detail}; split it")])
 
 
 async def submit_batch(state: AppState, tenant: str | None, raw: bytes) -> dict[str, Any]:
@@ -111,22 +94,16 @@ async def submit_batch(state: AppState, tenant: str | None, raw: bytes) -> dict[
     token taken); the answer's JSON. Raises `Problem`, `LimitExceeded` or `EngineError`
     for the batch as a whole (then nothing was written)."""
     engine = state.engine
-    settings = state.settings
-    items = parse_batch(raw, settings.max_batch)
+    items = parse_batch(raw, state.settings.max_batch)
     n = len(items)
     rate = state.submit_rate
     if rate is not None and n > 1:
         if n > rate.burst:
-            raise validation(
-                [
-                    FieldError(
-                        "runs",
-                        f"has {n} items, more than this tenant may submit at once "
-                        f"(--tenant-burst {rate.burst}); split it",
-                    )
-                ]
+            raise _never_fits(
+                f"has {n} items, more than this tenant may submit at once "
+                f"(--tenant-burst {rate.burst})"
             )
-        rate.take(tenant, n - 1)  # the first token was taken before the body was read
+        rate.take(tenant, n, taken=1)  # the first token was taken before the body was read
 
     results: list[dict[str, Any] | None] = [None] * n
     valid: list[tuple[int, Submit]] = []
@@ -136,42 +113,30 @@ async def submit_batch(state: AppState, tenant: str | None, raw: bytes) -> dict[
         except Problem as exc:
             results[i] = _item_problem(i, exc)
 
-    refused = await _screen(
+    refused = await screen_webhooks(
         state, {s.body.webhook_url for _, s in valid if s.body.webhook_url is not None}
     )
     specs: list[RunSpec] = []
     where: list[int] = []
-    make_spec = engine.make_spec
     for i, parsed in valid:
-        body = parsed.body
-        if body.webhook_url is not None and body.webhook_url in refused:
-            unsafe = validation([FieldError("webhook_url", refused[body.webhook_url])])
-            results[i] = _item_problem(i, unsafe)
-            continue
         try:
-            spec = make_spec(
-                body.prompt,
-                config=body.config,
-                session_id=body.session_id,
-                priority=body.priority or 0,
-                timeout=body.timeout,
-                max_attempts=body.max_attempts,
-                runner=body.runner,
-                webhook_url=body.webhook_url,
-                idempotency_key=parsed.idempotency_key,
-                request_hash=parsed.request_hash,
-                tenant=tenant,
-                ttl=body.ttl,
-            )
+            specs.append(spec_from_submit(state, tenant, parsed, refused))
+        except Problem as exc:  # its webhook URL was refused
+            results[i] = _item_problem(i, exc)
+            continue
         except EngineError as exc:  # InvalidRequest, UnknownRunner
             results[i] = _item_problem(i, from_engine_error(exc))
             continue
-        specs.append(spec)
         where.append(i)
 
     if specs:
         active = state.active_runs
-        fresh = _new_runs(state, specs) if active is not None else 0
+        fresh = engine.new_runs(specs) if active is not None else 0
+        if active is not None and fresh > active.limit:
+            raise _never_fits(
+                f"would create {fresh} runs, more than this tenant may have queued or "
+                f"running (--tenant-max-queued {active.limit})"
+            )
         with active.reserve(tenant, fresh) if active is not None and fresh else nullcontext():
             outcomes = await engine.submit_many(specs)
         urls = state.urls

@@ -6,7 +6,8 @@ lost to a limit. They are keyed by tenant (None when auth is off: then they limi
 anonymous tenant, which is still useful on a shared loopback).
 
 * `SubmitRate`: a token bucket per tenant (`--tenant-rate` per second, `--tenant-burst`
-  at once). `Retry-After` is the time until the bucket holds a whole token again.
+  at once). `Retry-After` is the time until the bucket holds the tokens asked for (one,
+  or a batch's N) again.
 * `ActiveRuns`: how many queued + running runs each tenant has, kept current from the
   engine's commit hook (O(1) per event) instead of scanning the queue on every submit;
   submits on their way to the journal are counted as reservations, so concurrent submits
@@ -66,16 +67,25 @@ class SubmitRate:
         self.clock = clock
         self._buckets: dict[str | None, _Bucket] = {}
 
-    def take(self, tenant: str | None, n: int = 1) -> None:
+    def take(self, tenant: str | None, n: int = 1, *, taken: int = 0) -> None:
         """Spend `n` tokens (a batch of n submits), or raise `LimitExceeded` (spending
-        nothing). `n` must not exceed `burst`: the bucket never holds more."""
+        nothing). `n` must not exceed `burst`: the bucket never holds more.
+
+        `taken` of the `n` were spent earlier by this same request (a batch takes one
+        before its body is read, `_handlers.admit_submit`, and the rest once its items
+        are counted): they are given back first and the `n` taken at once, so that a
+        refusal spends nothing and its `Retry-After` is the wait until all `n` are there.
+        Taking the rest alone would give the wait for `n - taken`, and a client that
+        waits exactly that would find itself `taken` short, every time.
+        """
         now = self.clock()
         bucket = self._buckets.get(tenant)
         if bucket is None:
             bucket = self._buckets[tenant] = _Bucket(float(self.burst), now)
-        else:
-            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
-            bucket.stamp = now
+        bucket.tokens = min(
+            float(self.burst), bucket.tokens + taken + (now - bucket.stamp) * self.rate
+        )
+        bucket.stamp = now
         if bucket.tokens >= n:
             bucket.tokens -= n
             return

@@ -21,11 +21,11 @@ of that event after its k-th. `Last-Event-ID` (what `EventSource` sends on recon
 seen answers 204, which tells `EventSource` to stop reconnecting.
 
 Progress frames always carry every progress key, so a stream that resumes needs the run's
-progress as of its resume point. It does not read the history from the start for that:
-`resume_builder` looks back from the resume point at `progress` and `started` events only
-(from the run's in-memory tail when live, else the journal, skipping other lines after
-reading their head) until the last `started` or until every key is known; the stream then
-reads only what comes after the resume point.
+progress as of its resume point. `resume_builder` gets it from `Engine.progress_at`,
+without reading the history for it: the run's current progress when it has not changed
+since the resume point, else a mark of the run's progress trail plus at most 15 `progress`
+events read by seq (never the output lines between them). The stream then reads only what
+comes after the resume point.
 
 **Payloads** are encoded with orjson, which escapes newlines and control characters, so
 every `data:` is one line of valid JSON whatever the result holds, and results are never
@@ -52,7 +52,7 @@ import trio
 from quart.wrappers.response import ResponseBody
 
 from ..engine import Engine, Event, EventType
-from ..engine.model import isoformat
+from ..engine.model import Progress, isoformat
 from .errors import FieldError, Problem
 
 __all__ = [
@@ -195,6 +195,13 @@ class FrameBuilder:
         self._reset_progress()
         self._fold(progress)
 
+    def seed_progress(self, progress: Progress) -> None:
+        """Start from a run's folded `Progress` (see `Engine.progress_at`)."""
+        self.percentage = float(progress.percentage)
+        self.step = progress.step
+        self.steps_completed = progress.steps_completed
+        self.steps_total = progress.steps_total
+
     def _fold(self, d: dict[str, Any]) -> None:
         self.percentage = float(d.get("percentage", self.percentage))
         self.step = d.get("step", self.step)
@@ -263,8 +270,7 @@ class FrameBuilder:
 
 
 PROGRESS_KEYS = ("percentage", "step", "steps_completed", "steps_total")
-_CONTEXT_TYPES = frozenset({E.PROGRESS, E.STARTED})
-HISTORY_PAGE = 256  # events per history read (stream resume context, /events pages)
+HISTORY_PAGE = 256  # events per history read (/events pages)
 
 
 async def resume_builder(
@@ -272,34 +278,14 @@ async def resume_builder(
 ) -> FrameBuilder:
     """A `FrameBuilder` in the state it has after the run's events up to `after_seq`.
 
-    Looks back in pages of `HISTORY_PAGE` `progress`/`started` events, newest first,
-    and stops at the last `started` (which resets progress) or once every key has a
-    value: the same fold as reading every event from the start, at the cost of the
-    progress reports since the resume point's attempt began (or fewer).
+    The same fold as reading every event from the start, at the cost of at most a few
+    `progress` events read by seq (none when the progress has not changed since
+    `after_seq`): `Engine.progress_at`.
     """
     builder = FrameBuilder(run_id)
-    if after_seq <= 0:
-        return builder
-    found: dict[str, Any] = {}
-    before = after_seq + 1
-    while True:
-        page = await engine.events_before(
-            run_id, before, limit=HISTORY_PAGE, types=_CONTEXT_TYPES, tenant=tenant
-        )
-        for ev in reversed(page):
-            if ev.type is E.STARTED:
-                builder.seed(found)
-                return builder
-            for key in PROGRESS_KEYS:
-                if key not in found and key in ev.data:
-                    found[key] = ev.data[key]
-            if len(found) == len(PROGRESS_KEYS):
-                builder.seed(found)
-                return builder
-        if len(page) < HISTORY_PAGE:
-            builder.seed(found)
-            return builder
-        before = page[0].seq
+    if after_seq > 0:
+        builder.seed_progress(await engine.progress_at(run_id, after_seq, tenant=tenant))
+    return builder
 
 
 class _Marker:

@@ -20,6 +20,9 @@ groups those files describe (`AttemptRecords.stop_leftovers`). The lifecycle of 
    (field 22 of `/proc/<pid>/stat`) and the kernel's boot id.
 3. `remove`, once the group is gone (reaped by the runner, or stopped by recovery).
 
+All three do blocking file IO (and `started` reads `/proc`), so the command runner calls
+them in a worker thread, awaiting each before it goes on: the order above still holds.
+
 Killing the wrong process would be worse than the bug, so recovery signals a group only
 when it can tell the group is the recorded one:
 

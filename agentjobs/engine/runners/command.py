@@ -32,6 +32,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import fnmatch
+import functools
 import logging
 import math
 import os
@@ -223,17 +224,23 @@ class CommandRunner:
         if self._records is records:
             self._records = None
 
-    def _begin_record(self, ctx: RunContext, env: dict[str, str]) -> AttemptRecord | None:
+    async def _begin_record(self, ctx: RunContext, env: dict[str, str]) -> AttemptRecord | None:
+        """Write the attempt's record (before the spawn), in a worker thread: a mkdir, a
+        write and a rename, which must not stall the event loop on a slow disk."""
         records = self._records
         if records is None:
             return None
+        begin = functools.partial(
+            records.begin,
+            ctx.run_id,
+            ctx.attempt,
+            environ=[f"{k}={env[k]}" for k in ("AGENTJOBS_RUN_ID", "AGENTJOBS_ATTEMPT")],
+            grace_s=self.kill_grace_s,
+        )
         try:
-            return records.begin(
-                ctx.run_id,
-                ctx.attempt,
-                environ=[f"{k}={env[k]}" for k in ("AGENTJOBS_RUN_ID", "AGENTJOBS_ATTEMPT")],
-                grace_s=self.kill_grace_s,
-            )
+            # Not abandoned on cancel: a record written after we stopped waiting would
+            # be left behind for nobody to remove.
+            return await trio.to_thread.run_sync(begin)
         except OSError as exc:
             # Without a record, a crash of the server would leave the process running
             # unseen while the run starts again: do not start it. The next attempt may
@@ -250,7 +257,7 @@ class CommandRunner:
         env = self._env_for(ctx)
         stdin_data = ctx.prompt.encode() if self._stdin_prompt else None
         started = trio.current_time()
-        record = self._begin_record(ctx, env)
+        record = await self._begin_record(ctx, env)
         try:
             proc = await trio.lowlevel.open_process(
                 argv,
@@ -263,22 +270,26 @@ class CommandRunner:
             )
         except BaseException as exc:
             if record is not None:
-                record.remove()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(record.remove)
             if isinstance(exc, OSError):
                 raise RunError(
                     f"cannot start command {argv[0]!r}: {exc.strerror or exc}", retryable=False
                 ) from None
             raise
-        if record is not None:
-            # A crash since the spawn is covered by the record `begin` wrote (recovery then
-            # finds the process by its environment); pin the exact process now.
-            record.started(proc.pid)
         log.debug("run %s: started pid %d: %s", ctx.run_id, proc.pid, argv[0])
 
         capture = _Capture(self.max_output_bytes)
         tail = _Tail(self.stderr_tail_bytes)
         timed_out = False
         try:
+            if record is not None:
+                # A crash since the spawn is covered by the record `begin` wrote (recovery
+                # then finds the process by its environment); pin the exact process now,
+                # before anything else (shielded: a cancel right now must not skip it;
+                # inside the try, so the group is stopped whatever happens).
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(record.started, proc.pid)
             with trio.move_on_after(self.timeout_s or math.inf) as timeout_scope:
                 await self._interact(proc, ctx, stdin_data, capture, tail)
             timed_out = timeout_scope.cancelled_caught
@@ -293,7 +304,9 @@ class CommandRunner:
             if cleanup.cancelled_caught:  # pragma: no cover - a process stuck in the kernel
                 log.error("run %s: pid %d could not be reaped in time", ctx.run_id, proc.pid)
             elif record is not None and not _group_alive(proc.pid):
-                record.remove()  # else kept: the next start of the engine stops the group
+                # else kept: the next start of the engine stops the group
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(record.remove)
             ctx.metrics.update(
                 exit_code=proc.returncode,
                 duration_s=round(trio.current_time() - started, 6),
