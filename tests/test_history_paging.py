@@ -259,8 +259,6 @@ def test_tails_end_with_their_run_once_nobody_follows() -> None:
     assert bus.tail_count == 2
     assert bus._tails["a"].floor == 0  # the whole run
     assert bus._tails["b"].floor == 1  # began mid-run (after a restart): seq 1 is not in it
-    assert bus.tail_before("a", 2, 10) == [Event(1, 0.0, "a", E.SUBMITTED, {})]
-    assert bus.tail_before("b", 3, 10) is None  # older events may be in the journal
     assert bus.tail_at("a", [1]) == [Event(1, 0.0, "a", E.SUBMITTED, {})]
     assert bus.tail_at("b", [2]) == [Event(2, 0.0, "b", E.STARTED, {})]
     assert bus.tail_at("b", [1, 2]) is None  # at or below the floor: ask the journal
@@ -551,18 +549,18 @@ async def test_a_tenant_at_its_stream_limit_costs_no_history_read(
         job_id = job.json()["job_id"]
         await wait_until(lambda: engine.get(job_id, tenant="alice").status.value == "running")
         looked_up: list[str] = []
-        real_progress_at, real_before = engine.progress_at, engine.events_before
+        real_progress_at, real_events = engine.progress_at, engine.events
 
         async def progress_at(*args: Any, **kwargs: Any) -> Any:
             looked_up.append("progress_at")
             return await real_progress_at(*args, **kwargs)
 
-        async def events_before(*args: Any, **kwargs: Any) -> Any:
-            looked_up.append("events_before")
-            return await real_before(*args, **kwargs)
+        async def events(*args: Any, **kwargs: Any) -> Any:
+            looked_up.append("events")
+            return await real_events(*args, **kwargs)
 
         monkeypatch.setattr(engine, "progress_at", progress_at)
-        monkeypatch.setattr(engine, "events_before", events_before)
+        monkeypatch.setattr(engine, "events", events)
         reads = LineReads(monkeypatch)
         headers = {"Last-Event-ID": "2"}
         async with a.stream("GET", f"/api/v1/runs/{job_id}/stream", headers=headers) as first:

@@ -267,3 +267,29 @@ def test_every_option_has_a_flag_a_variable_and_a_setting() -> None:
         assert o.env == "AGENTJOBS_" + o.name.upper()
         default = getattr(ServerSettings(), o.name)
         assert o.default == default, o.name
+
+
+def test_compact_interval_reaches_the_engine() -> None:
+    assert ServerSettings().engine_config().compact_interval_s == 3600.0
+    assert resolve({"compact_interval": "2.5"}, {}).engine_config().compact_interval_s == 2.5
+    off = resolve({}, {"AGENTJOBS_COMPACT_INTERVAL": "off"}).engine_config()
+    assert off.compact_interval_s is None
+    with pytest.raises(SettingsError, match="AGENTJOBS_COMPACT_INTERVAL"):
+        resolve({}, {"AGENTJOBS_COMPACT_INTERVAL": "-3"})
+
+
+async def test_the_server_compacts_on_its_own_schedule(tmp_path: Path) -> None:
+    """With `--compact-interval` short and `--retention` shorter, a finished run is dropped
+    by the server itself (no `agentjobs log compact`), and its journal shrinks."""
+    from live_server import open_live_server, submit
+
+    data = tmp_path / "data"
+    async with open_live_server(data, compact_interval=0.3, retention=0.2) as srv:
+        job = await submit(srv.client, "to be compacted away")
+        done = await srv.client.get(f"/api/v1/runs/{job}/result", params={"wait": 10})
+        assert done.json()["status"] == "succeeded"
+        with trio.fail_after(20):
+            while (await srv.client.get(f"/api/v1/runs/{job}")).status_code != 404:  # noqa: ASYNC110 - polling the API is the point
+                await trio.sleep(0.1)
+        fresh = await submit(srv.client, "still here")
+        assert (await srv.client.get(f"/api/v1/runs/{fresh}")).status_code == 200

@@ -1,8 +1,7 @@
 """Submit/finish/delete cycles with the journal compacted live (issue 7, item 5).
 
-`agentjobs serve` compacts every `compact_interval_s` (an hour; no flag sets it), too
-seldom for a soak, so the soak runs the real server inside
-tests/faults/compacting_server.py, which calls `Engine.compact()` every 5 s with
+`agentjobs serve` compacts every `--compact-interval` seconds (an hour by default, too
+seldom for a soak), so the soak runs the real server with `--compact-interval 5` and
 `--retention 2`. CI runs 8 s (does compaction under load keep every promise?);
 AGENTJOBS_SLOW=1 or `benchmarks/faults.py --long` runs 10 minutes and requires the RSS
 of the second half to stay within 10 % of the first half's peak.

@@ -748,27 +748,6 @@ class Engine:
             return self.journal.history(run_id, after_seq, limit)
         return await trio.to_thread.run_sync(self.journal.history, run_id, after_seq, limit)
 
-    async def events_before(
-        self,
-        run_id: str,
-        before_seq: int,
-        *,
-        limit: int,
-        types: frozenset[EventType] | None = None,
-        tenant: str | None = None,
-    ) -> builtins.list[Event]:
-        """The newest `limit` events (of `types`) with seq < before_seq, oldest first:
-        from the bus's tail of a live run when it holds them (no thread), else the journal.
-        """
-        self._visible(run_id, tenant)
-        got = self.bus.tail_before(run_id, before_seq, limit, types)
-        if got is not None:
-            return got
-        read = self.journal.history_before
-        if self.config.durability == "memory":
-            return read(run_id, before_seq, limit, types)
-        return await trio.to_thread.run_sync(read, run_id, before_seq, limit, types)
-
     async def progress_at(self, run_id: str, seq: int, *, tenant: str | None = None) -> Progress:
         """The run's progress as of its event `seq` (what a stream resuming after `seq`
         starts from), without reading the output in between.

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import orjson
@@ -212,31 +212,6 @@ class Bus:
         tail = self._tails.pop(run, None)
         if tail is not None:
             self.tails_bytes -= tail.bytes
-
-    def tail_before(
-        self,
-        run_id: str,
-        before_seq: int,
-        limit: int,
-        types: Collection[EventType] | None = None,
-    ) -> list[Event] | None:
-        """What `Journal.history_before` would answer, from the run's tail; None if the
-        tail does not hold enough of the run to say."""
-        tail = self._tails.get(run_id)
-        if tail is None:
-            return None
-        out: list[Event] = []
-        events = tail.events
-        i = bisect.bisect_left(events, before_seq, key=_seq_of)
-        while i > 0 and len(out) < limit:
-            i -= 1
-            event = events[i]
-            if types is None or event.type in types:
-                out.append(event)
-        if len(out) < limit and tail.floor != 0:
-            return None  # older matching events may exist before the floor
-        out.reverse()
-        return out
 
     def tail_at(self, run_id: str, seqs: Sequence[int]) -> list[Event] | None:
         """The run's events with exactly these seqs (ascending), from its tail; None if

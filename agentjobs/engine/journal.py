@@ -1496,26 +1496,6 @@ class Journal:
             raise ValueError("limit must not be negative")
         return self._consistent(run, lambda: self._read_after(run, after_seq, limit))
 
-    def history_before(
-        self,
-        run: str,
-        before_seq: int,
-        limit: int | None = None,
-        types: Collection[EventType] | None = None,
-    ) -> list[Event]:
-        """The newest `limit` events of a run with seq < before_seq (only of `types`, if
-        given), oldest first.
-
-        For looking back from a point (an SSE stream resuming needs the run's progress as
-        of its resume point). Lines of other types are skipped after reading their head
-        only, so looking back past a long stretch of output costs a short read per line,
-        and memory for the events returned only.
-        """
-        if limit is not None and limit < 0:
-            raise ValueError("limit must not be negative")
-        wanted = None if types is None else frozenset(t.value for t in types)
-        return self._consistent(run, lambda: self._read_before(run, before_seq, limit, wanted))
-
     def history_at(self, run: str, seqs: Sequence[int]) -> list[Event]:
         """The run's events with exactly these seqs (ascending), oldest first; a seq the
         run has no event at is left out.
@@ -1568,27 +1548,6 @@ class Journal:
                     out.append(event)
                     k += 1
                 lo = k
-        return out
-
-    def _read_before(
-        self, run: str, before_seq: int, limit: int | None, wanted: frozenset[str] | None
-    ) -> list[Event]:
-        out: list[Event] = []
-        if limit == 0:
-            return out
-        with _RunLines(self, run) as lines:
-            for k in range(lines.first_after(before_seq - 1) - 1, -1, -1):
-                if wanted is not None:
-                    head = lines.head(k)
-                    if head is not None and head[1] not in wanted:
-                        continue
-                event = lines.event(k)
-                if wanted is not None and event.type.value not in wanted:
-                    continue
-                out.append(event)
-                if limit is not None and len(out) >= limit:
-                    break
-        out.reverse()
         return out
 
     def runs_indexed(self) -> int:

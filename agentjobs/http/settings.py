@@ -328,6 +328,14 @@ OPTIONS: tuple[Option, ...] = (
         "SECONDS",
     ),
     Option(
+        "compact_interval",
+        "--compact-interval",
+        _optional_seconds,
+        3600.0,
+        "seconds between scheduled journal compactions (`off`: only `agentjobs log compact`)",
+        "SECONDS",
+    ),
+    Option(
         "cancel_wait",
         "--cancel-wait",
         _seconds,
@@ -556,6 +564,7 @@ class ServerSettings:
     max_result_bytes: int | None = 16 * _MIB
     idempotency_window: float = 24 * 3600.0
     retention: float = 7 * 24 * 3600.0
+    compact_interval: float | None = 3600.0
     cancel_wait: float = 30.0
     public_url: str | None = None
     max_body_bytes: int = _MIB
@@ -593,6 +602,7 @@ class ServerSettings:
             max_result_bytes=self.max_result_bytes,
             idempotency_window_s=self.idempotency_window,
             retention_s=self.retention,
+            compact_interval_s=self.compact_interval,
             grace_period_s=self.grace_period,
             cancel_wait_s=self.cancel_wait,
         )

@@ -189,12 +189,6 @@ class FrameBuilder:
         self.steps_completed = 0
         self.steps_total: int | None = None
 
-    def seed(self, progress: dict[str, Any]) -> None:
-        """Start from the progress folded so far (the keys `PROGRESS_KEYS` of the run's
-        `progress` events since its last `started`, the newest value of each)."""
-        self._reset_progress()
-        self._fold(progress)
-
     def seed_progress(self, progress: Progress) -> None:
         """Start from a run's folded `Progress` (see `Engine.progress_at`)."""
         self.percentage = float(progress.percentage)

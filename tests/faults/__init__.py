@@ -13,7 +13,6 @@ tests/test_fuzz_*.py, tests/test_load_*.py and benchmarks/faults.py).
   keep-alive client for high-rate loops.
 - `load`: the load scenarios (1,000 subscribers, never-reading clients, a deep queue,
   the soak).
-- `compacting_server.py`: the real server plus a live-compaction task, for the soak.
 
 Everything talks to 127.0.0.1 only, and every loop is bounded in count and time.
 """

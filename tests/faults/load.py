@@ -396,7 +396,7 @@ async def soak(
     work: Path, seconds: float = 600.0, delete: bool = True, check_flat: bool = True
 ) -> SoakReport:
     """Submit/finish(/delete) cycles for `seconds` with the journal compacted live
-    (tests/faults/compacting_server.py: the real server plus a compaction task); the
+    (the real server with `--compact-interval 5`); the
     RSS of the second half may exceed the first half's peak by at most 10 %."""
     report = SoakReport()
     proc = await _start_compacting(work / "data", compact_every=5.0)
@@ -437,7 +437,7 @@ async def soak(
                     report.rss_kib.append((round(elapsed, 1), proc_status_kib(pid)))
                     next_sample += max(1.0, seconds / 120)
             report.seconds = round(time.monotonic() - t0, 1)
-        report.compactions = sum("compactor: compacted" in line for line in proc.err_lines)
+        report.compactions = sum("scheduled compacted" in line for line in proc.err_lines)
         report.journal_bytes = sum(
             p.stat().st_size for p in (work / "data" / "journal").glob("*.jsonl")
         )

@@ -9,12 +9,10 @@ module adds the runner configuration the harness needs and a few probes.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
-from live_server import _LISTENING, ServerProcess
+from live_server import ServerProcess
 
 __all__ = [
     "MARKER_SCRIPT",
@@ -101,61 +99,8 @@ def open_files_soft_limit(wanted: int) -> int:
     return soft if soft != resource.RLIM_INFINITY else os.sysconf("SC_OPEN_MAX")
 
 
-COMPACTING_SERVER = Path(__file__).resolve().parent / "compacting_server.py"
-
-
-class ScriptServer(ServerProcess):
-    """Like `ServerProcess`, for a server started by another command line (a script that
-    embeds `agentjobs.http.server.serve`); the same start-up lines are awaited."""
-
-    def __init__(
-        self,
-        cmd: list[str],
-        data_dir: Path,
-        start_timeout: float = 30.0,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.data_dir = data_dir
-        self.args = tuple(cmd)
-        self.lines = []
-        self.err_lines = []
-        self._cond = threading.Condition()
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
-        )
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
-            threading.Thread(
-                target=self._read, args=(self.proc.stderr, self.err_lines), daemon=True
-            ),
-        ]
-        for t in self._readers:
-            t.start()
-        try:
-            line = self.wait_for_line(_LISTENING, start_timeout)
-            self.wait_for_line(r"^runs recovered: ", start_timeout)
-        except Exception:
-            self.kill()
-            raise
-        m = _LISTENING.search(line)
-        assert m is not None
-        self.url = m.group(1)
-
-
 def start_compacting_server(data_dir: Path, *args: str, compact_every: float) -> ServerProcess:
-    """The real server plus a task compacting its journal every `compact_every` seconds
-    (0: never), tests/faults/compacting_server.py: the server's own schedule is hourly."""
-    cmd = [
-        sys.executable,
-        str(COMPACTING_SERVER),
-        str(compact_every),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        *args,
-    ]
-    return ScriptServer(cmd, data_dir)
+    """The real server compacting its own journal every `compact_every` seconds (0: never),
+    through `--compact-interval` (the default schedule, hourly, is too seldom for a soak)."""
+    every = str(compact_every) if compact_every > 0 else "off"
+    return start_server(data_dir, *args, "--compact-interval", every)
