@@ -435,6 +435,10 @@ async def test_resuming_a_long_run_reads_a_bounded_number_of_lines(
         runner.second.set()
         await engine.wait(job, 20)
         await check_long_run_resumes(engine, job, reads)
+        # `get` handed out a snapshot: the fold went on (the `succeeded` entry) without it
+        assert len(run.progress_trail.seqs) == 44
+        final = engine.get(job).progress_trail
+        assert isinstance(final, ProgressTrail) and len(final.seqs) == 45
 
 
 _REPORT_KEYS = st.fixed_dictionaries(

@@ -153,12 +153,20 @@ async def test_capacity_is_all_or_nothing(tmp_path: Path) -> None:
             if srv.engine.stats()["running"] == 1:
                 break
             await trio.sleep(0.01)
-        r = await c.post(BATCH, json={"runs": [{"prompt": f"q{i}"} for i in range(4)]})
+        waiting = await c.post(RUNS, json={"prompt": "w"})  # queued behind the blocker
+        assert waiting.status_code == 202
+        # 3 new runs fit in --max-queue 3 in general, not now (one place is taken)
+        r = await c.post(BATCH, json={"runs": [{"prompt": f"q{i}"} for i in range(3)]})
         assert_problem(r, 503, "queue-full")
         assert int(r.headers["retry-after"]) >= 1
-        assert srv.engine.count() == 1
-        r = await c.post(BATCH, json={"runs": [{"prompt": f"q{i}"} for i in range(3)]})
-        assert r.status_code == 200 and r.json()["accepted"] == 3
+        assert srv.engine.count() == 2
+        # 4 new runs never fit: a 422 naming `runs`, not a 503 to retry for ever
+        r = await c.post(BATCH, json={"runs": [{"prompt": f"q{i}"} for i in range(4)]})
+        problem = assert_problem(r, 422, "validation-error")
+        assert "--max-queue 3" in str(problem)
+        assert srv.engine.count() == 2
+        r = await c.post(BATCH, json={"runs": [{"prompt": f"q{i}"} for i in range(2)]})
+        assert r.status_code == 200 and r.json()["accepted"] == 2
         await c.post(f"{RUNS}/{blocker['job_id']}/cancel")
 
 

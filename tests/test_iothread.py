@@ -35,18 +35,29 @@ async def test_a_cancel_is_delivered_only_after_the_call_returns() -> None:
     io.start()
     finished = threading.Event()
 
+    started = threading.Event()
+
     def slow() -> str:
+        started.set()
         time.sleep(0.2)
         finished.set()
         return "done"
 
+    got: list[str] = []
     try:
         with trio.CancelScope() as scope:
-            scope.cancel()
-            assert await io.run_sync(slow) == "done"
-            await trio.lowlevel.checkpoint()  # the pending cancel lands here
+            async with trio.open_nursery() as nursery:
+
+                async def call() -> None:
+                    got.append(await io.run_sync(slow))
+                    await trio.lowlevel.checkpoint()  # the pending cancel lands here
+
+                nursery.start_soon(call)
+                await trio.to_thread.run_sync(started.wait, 5)
+                scope.cancel()  # while the call runs in the thread
         assert scope.cancelled_caught
-        assert finished.is_set()  # the cancel waited for the call, it did not abandon it
+        assert got == ["done"]  # the call returned its result first...
+        assert finished.is_set()  # ...the cancel waited for it, it did not abandon it
     finally:
         io.stop()
 
@@ -67,3 +78,18 @@ async def test_it_refuses_calls_when_not_running() -> None:
 
 def _raise(exc: BaseException) -> None:
     raise exc
+
+
+async def test_an_already_cancelled_caller_starts_nothing() -> None:
+    io = IOThread("test-io")
+    io.start()
+    ran: list[int] = []
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await io.run_sync(ran.append, 1)
+        assert scope.cancelled_caught
+        assert await io.run_sync(lambda: 2) == 2  # the thread is still there, in order
+        assert ran == []
+    finally:
+        io.stop()

@@ -256,3 +256,49 @@ async def test_body_and_prompt_size(tmp_path: Path) -> None:
         # an anonymous oversized body is refused before auth is even considered
         r = await srv.client.post(RUNS, content=b"x" * 3000)
         assert_problem(r, 413, "payload-too-large")
+
+
+async def test_a_retry_that_overtakes_its_original_is_a_replay_not_a_quota_refusal(
+    tmp_path: Path,
+) -> None:
+    """A client whose answer was slow sends the same key again while the first submit is
+    still being made durable: at the tenant's quota, the retry must wait for the original
+    and replay it, not take a place of its own (and be refused 429 `tenant-queue`)."""
+    async with open_live_server(
+        tmp_path, tenant_max_queued=1, durability="fsync", max_concurrency=1
+    ) as srv:
+        journal = srv.engine.journal
+        real = journal.hooks.fsync
+        holding, release = threading.Event(), threading.Event()
+
+        def held(fd: int) -> None:
+            holding.set()
+            release.wait(30)
+            real(fd)
+
+        answers: dict[str, httpx.Response] = {}
+        body = {"prompt": "k", "config": {"delay_s": 5}}
+
+        async def post(name: str) -> None:
+            answers[name] = await srv.client.post(
+                "/api/v1/runs", json=body, headers={"Idempotency-Key": "k"}
+            )
+
+        journal.hooks.fsync = held
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post, "first")
+                await trio.to_thread.run_sync(holding.wait, 30)  # first is being fsynced
+                nursery.start_soon(post, "retry")
+                await trio.sleep(0.5)  # the retry reaches the server meanwhile
+                journal.hooks.fsync = real
+                release.set()
+        finally:
+            journal.hooks.fsync = real
+            release.set()
+        first, retry = answers["first"], answers["retry"]
+        assert first.status_code == 202, first.text
+        assert retry.status_code == 202, retry.text
+        assert retry.headers.get("Idempotent-Replayed") == "true"
+        assert retry.json()["job_id"] == first.json()["job_id"]
+        await srv.client.post(f"/api/v1/runs/{first.json()['job_id']}/cancel")

@@ -232,3 +232,23 @@ def test_config_rejects_nonsense() -> None:
     ):
         with pytest.raises(ValueError):
             EngineConfig(**bad)  # type: ignore[arg-type]
+
+
+async def test_one_session_id_in_two_tenants_is_two_sessions(autojump_clock: MockClock) -> None:
+    """Session ids are the clients' choice: tenant B picking the id tenant A uses must not
+    queue B's runs behind A's (nor A's behind B's)."""
+    async with scripted_engine(max_concurrency=4, session_concurrency=1) as (engine, _):
+        slow = {"do": "sleep", "s": 5}
+        a1 = await engine.submit("a1", session_id="s", tenant="alice", config=slow)
+        b1 = await engine.submit("b1", session_id="s", tenant="bob", config=slow)
+        a2 = await engine.submit("a2", session_id="s", tenant="alice", config=slow)
+        await trio.sleep(1)
+        status = {
+            r.id: engine.get(r.id, tenant=t).status
+            for r, t in ((a1, "alice"), (b1, "bob"), (a2, "alice"))
+        }
+        assert status[a1.id] is Status.RUNNING
+        assert status[b1.id] is Status.RUNNING  # not behind alice's run
+        assert status[a2.id] is Status.QUEUED  # behind alice's own
+        for run, tenant in ((a1, "alice"), (b1, "bob"), (a2, "alice")):
+            assert (await engine.wait(run.id, tenant=tenant)).status is Status.SUCCEEDED

@@ -136,6 +136,9 @@ def _snapshot(run: Run) -> Run:
     copy = _copy_run(run)
     if run.webhook is not None:
         copy.webhook = attrs.evolve(run.webhook)
+    trail = run.progress_trail
+    if trail is not None and not isinstance(trail, bytes):  # bytes trails are immutable
+        copy.progress_trail = trail.copy()
     return copy
 
 
@@ -482,13 +485,29 @@ class Engine:
         assert outcome.run is not None
         return outcome.run, outcome.replayed
 
+    async def settle(self, specs: Sequence[RunSpec]) -> None:
+        """Wait until no idempotency key of `specs` is being recorded by a concurrent
+        submit, so that `new_runs` and `submit_many` see that submit's run (a retry that
+        overtook its original then counts as the replay it is, not as a new run a quota
+        must make room for). Returns at once when no key is pending."""
+        pending = self._pending_keys
+        if not pending:
+            return
+        keyed = {(s.tenant, s.idempotency_key) for s in specs if s.idempotency_key is not None}
+        while (
+            inflight := next((ev for pk in keyed if (ev := pending.get(pk)) is not None), None)
+        ) is not None:
+            await inflight.wait()
+            if not self.accepting:
+                raise EngineClosed("the engine is not accepting runs")
+
     def new_runs(self, specs: Sequence[RunSpec]) -> int:
         """How many runs `submit_many(specs)` would create if it were called now: the
         items without a key, and the first item of each key that has no live earlier run
         (an earlier run answers the others: a replay, or a conflict). What a quota must
         hold room for. A key a concurrent submit is recording counts as new (its run is
-        not recorded yet). The same rules as the submit itself (`_plan`), so the HTTP
-        layer never decides "is this a replay?" on its own."""
+        not recorded yet): call `settle` first. The same rules as the submit itself
+        (`_plan`), so the HTTP layer never decides "is this a replay?" on its own."""
         return len(self._plan(specs).new)
 
     def _plan(self, specs: Sequence[RunSpec]) -> _Plan:
@@ -549,15 +568,7 @@ class Engine:
             raise EngineClosed("the engine is not accepting runs")
         if not specs:
             return []
-        pending = self._pending_keys
-        if pending:  # wait out every key a concurrent submit is recording, then decide
-            keyed = {(s.tenant, s.idempotency_key) for s in specs if s.idempotency_key is not None}
-            while (
-                inflight := next((ev for pk in keyed if (ev := pending.get(pk)) is not None), None)
-            ) is not None:
-                await inflight.wait()
-                if not self.accepting:
-                    raise EngineClosed("the engine is not accepting runs")
+        await self.settle(specs)
         # From here to the appends: no checkpoint, so nothing can change under the decisions.
         plan = self._plan(specs)
         new = plan.new

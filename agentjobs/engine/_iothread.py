@@ -8,7 +8,8 @@ paid per submit (~150 us of CPU, docs/benchmarks.md "Optimisation notes" 4). Her
 thread is started once per writer, fed through a `queue.SimpleQueue` (a C-level queue, no
 Python lock), and reports back with `TrioToken.run_sync_soon`.
 
-Semantics match `to_thread.run_sync` with its default `abandon_on_cancel=False`: the
+Semantics match `to_thread.run_sync` with its default `abandon_on_cancel=False`: a
+caller already cancelled raises `Cancelled` without starting the call; otherwise the
 calling task cannot be cancelled while its call runs (a half-made batch must finish or fail
 before anyone looks at the journal again); a cancellation is delivered when it returns.
 """
@@ -59,6 +60,9 @@ class IOThread:
         """Run `fn(*args)` in the thread and return (or raise) what it did."""
         if self._thread is None:
             raise RuntimeError("the IO thread is not running")
+        # As to_thread does: an already-cancelled caller starts nothing (a writer being
+        # stopped must not go on starting write+fsync rounds).
+        await trio.lowlevel.checkpoint_if_cancelled()
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
 

@@ -186,6 +186,10 @@ class ProgressTrail:
     seqs: array[int]
     marks: list[Progress]
 
+    def copy(self) -> ProgressTrail:
+        """An independent copy (the fold keeps appending to the run's own trail)."""
+        return ProgressTrail(array("q", self.seqs), list(self.marks))
+
 
 @attrs.frozen(slots=True)
 class Event:

@@ -52,6 +52,16 @@ E = EventType
 Entry = tuple[int, int, str]  # (-priority, seq, run id); identity marks the live entry
 
 
+_SessionKey = tuple[str | None, str]
+
+
+def _session_key(run: Run) -> _SessionKey | None:
+    """Whose session a run belongs to: session ids are chosen by clients, so the same id
+    from two tenants names two sessions (each with its own `session_concurrency`)."""
+    sid = run.spec.session_id
+    return None if sid is None else (run.spec.tenant, sid)
+
+
 @attrs.define(slots=True, eq=False)
 class _Session:
     """Bookkeeping of one session under a per-session limit."""
@@ -90,7 +100,8 @@ class Supervisor:
         self._dequeued = 0  # removals from `_queued` since it was last checked for shrinking
         self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, run id)
         self._expiry: list[tuple[float, str]] = []  # (expires at, run id)
-        self._sessions: dict[str, _Session] = {}
+        # keyed by (tenant, session id): two tenants may pick the same session id
+        self._sessions: dict[_SessionKey, _Session] = {}
         self._start_times: deque[float] = deque(maxlen=64)  # trio times of recent starts
         self._hold: dict[str, float] = {}  # run id -> not before (a start that failed)
         self._wakeup = trio.Event()
@@ -115,12 +126,12 @@ class Supervisor:
 
     def _session_of(self, run: Run) -> _Session | None:
         """The run's session bookkeeping, if a per-session limit applies to it."""
-        sid = run.spec.session_id
-        if sid is None or self.config.session_concurrency is None:
+        key = _session_key(run)
+        if key is None or self.config.session_concurrency is None:
             return None
-        session = self._sessions.get(sid)
+        session = self._sessions.get(key)
         if session is None:
-            session = self._sessions[sid] = _Session()
+            session = self._sessions[key] = _Session()
         return session
 
     def enqueue(self, run: Run, *, not_before: float | None = None) -> None:
@@ -139,7 +150,7 @@ class Supervisor:
         session = self._session_of(run)
         if session is not None:
             heapq.heappush(session.waiting, (run.seq, entry))
-            self._admit(run.spec.session_id, session)  # type: ignore[arg-type]
+            self._admit(_session_key(run), session)  # type: ignore[arg-type]
         elif not delayed:
             heapq.heappush(self._ready, entry)
         if run.spec.ttl is not None and run.started_at is None:
@@ -176,11 +187,12 @@ class Supervisor:
         if self._hold:
             self._hold.pop(run_id, None)
         run = self.state.runs.get(run_id)
-        if run is not None and run.spec.session_id is not None:
-            session = self._sessions.get(run.spec.session_id)
+        key = _session_key(run) if run is not None else None
+        if key is not None:
+            session = self._sessions.get(key)
             if session is not None:
                 session.admitted.discard(run_id)
-                self._admit(run.spec.session_id, session)
+                self._admit(key, session)
         return True
 
     def put_back(self, run: Run) -> None:
@@ -188,7 +200,7 @@ class Supervisor:
         if run.status is Status.QUEUED and run.id not in self._queued:
             self.enqueue(run)
 
-    def _admit(self, sid: str, session: _Session) -> None:
+    def _admit(self, key: _SessionKey, session: _Session) -> None:
         """Move the session's next runs, in submission order, into the global heap."""
         limit = self.config.session_concurrency
         assert limit is not None
@@ -212,7 +224,7 @@ class Supervisor:
             heapq.heappush(self._ready, entry)
             self._wakeup.set()
         if not waiting and not session.admitted and session.running == 0:
-            self._sessions.pop(sid, None)
+            self._sessions.pop(key, None)
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -238,11 +250,11 @@ class Supervisor:
             entry = self._queued.get(run_id)
             if entry is None:
                 continue
-            sid = self.state.runs[run_id].spec.session_id
-            if sid is not None and self.config.session_concurrency is not None:
-                session = self._sessions.get(sid)
+            key = _session_key(self.state.runs[run_id])
+            if key is not None and self.config.session_concurrency is not None:
+                session = self._sessions.get(key)
                 if session is not None:
-                    self._admit(sid, session)
+                    self._admit(key, session)
             else:
                 heapq.heappush(self._ready, entry)
         expiry = self._expiry
@@ -324,14 +336,14 @@ class Supervisor:
         self._nursery.start_soon(actor.main)
 
     def _release_session(self, run: Run) -> None:
-        sid = run.spec.session_id
-        if sid is None or self.config.session_concurrency is None:
+        key = _session_key(run)
+        if key is None or self.config.session_concurrency is None:
             return
-        session = self._sessions.get(sid)
+        session = self._sessions.get(key)
         if session is None:  # pragma: no cover - a start always created it
             return
         session.running -= 1
-        self._admit(sid, session)
+        self._admit(key, session)
 
     def release(self, run_id: str) -> None:
         """The run's actor has recorded its last event: free its slot (from the commit hook)."""

@@ -273,7 +273,10 @@ async def handle_submit(
     engine = state.engine
     active = state.active_runs
     # the quota holds a place only for a submit that creates a run (not a replay), as the
-    # engine decides it (`Engine.new_runs`)
+    # engine decides it (`Engine.new_runs`), once a concurrent submit of the same key has
+    # been recorded (`settle`: a retry that overtook its original is a replay)
+    if active is not None and spec.idempotency_key is not None:
+        await engine.settle((spec,))
     if active is not None and engine.new_runs((spec,)):
         with active.reserve(tenant):  # 429 here: nothing was written
             run, replayed = await engine.submit_spec(spec)

@@ -131,7 +131,14 @@ async def submit_batch(state: AppState, tenant: str | None, raw: bytes) -> dict[
 
     if specs:
         active = state.active_runs
-        fresh = engine.new_runs(specs) if active is not None else 0
+        await engine.settle(specs)  # same-key submits in flight: theirs are replays
+        fresh = engine.new_runs(specs)
+        max_queue = engine.config.max_queue
+        if fresh > max_queue:
+            raise _never_fits(
+                f"would create {fresh} runs, more than the server queues at all "
+                f"(--max-queue {max_queue})"
+            )
         if active is not None and fresh > active.limit:
             raise _never_fits(
                 f"would create {fresh} runs, more than this tenant may have queued or "

@@ -151,12 +151,14 @@ class ActiveRuns:
         """Active runs of `tenant` plus its submits being recorded right now."""
         return self._counts.get(tenant, 0) + self._reserved.get(tenant, 0)
 
-    def _retry_hint(self, tenant: str | None) -> float:
+    def _retry_hint(self, tenant: str | None, places: int = 1) -> float:
+        """Seconds until `places` places are likely free: the tenant's recent time between
+        finishes, times the places missing; at least 1 s, at most 60 s."""
         times = self._departures.get(tenant)
         if not times or len(times) < 2:
             return 2.0
         interval = (self.clock() - times[0]) / len(times)
-        return min(60.0, max(1.0, interval))
+        return min(60.0, max(1.0, interval * places))
 
     @contextmanager
     def reserve(self, tenant: str | None, n: int = 1) -> Iterator[None]:
@@ -173,7 +175,7 @@ class ActiveRuns:
                     f"the limit is {self.limit}: a batch of {n} does not fit (nothing was "
                     "submitted); wait for some to finish, or send fewer"
                 ),
-                self._retry_hint(tenant),
+                self._retry_hint(tenant, self.count(tenant) + n - self.limit),
             )
         self._reserved[tenant] = self._reserved.get(tenant, 0) + n
         try:
