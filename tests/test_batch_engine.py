@@ -30,6 +30,7 @@ from agentjobs import (
     Event,
     EventType,
     IdempotencyConflict,
+    NotFound,
     QueueFull,
     Run,
     Status,
@@ -354,3 +355,30 @@ async def test_replay_after_restart_equals_live_state(
     # runs queued at shutdown are still queued; those running were requeued (an event)
     assert reopened["runs"].keys() == live["runs"].keys()
     assert normalise(replay_dir(tmp_path / "journal")) == reopened
+
+
+async def test_a_run_gone_before_its_submitter_looks_is_not_found_not_a_crash(
+    autojump_clock: MockClock,
+) -> None:
+    """The submitter resumes after its batch was applied; whatever removed the run in
+    between (a delete, a compaction), the answer is `NotFound` for that item, never a
+    KeyError (which the HTTP layer would turn into a 500 for a durable run)."""
+    async with scripted_engine() as (engine, _):
+        engine.supervisor.admitting = False
+        doomed: set[str] = set()
+
+        def vanish(events: Sequence[Event]) -> None:
+            for ev in events:
+                if ev.type is E.SUBMITTED and ev.data.get("prompt") == "gone":
+                    doomed.add(ev.run)
+                    engine.state.runs.pop(ev.run, None)  # as if deleted meanwhile
+
+        engine.add_commit_hook(vanish)
+        specs = [engine.make_spec("kept"), engine.make_spec("gone")]
+        kept, gone = await engine.submit_many(specs)
+        assert kept.ok and kept.run is not None and kept.run.spec.prompt == "kept"
+        assert gone.run is None and isinstance(gone.error, NotFound)
+        assert str(gone.error).endswith(next(iter(doomed)))
+        with pytest.raises(NotFound):
+            await engine.submit_spec(engine.make_spec("gone"))
+        engine.supervisor.admitting = True

@@ -151,11 +151,12 @@ def request_hash(spec: RunSpec) -> str:
 @attrs.frozen(slots=True)
 class SubmitOutcome:
     """One item of `Engine.submit_many`: the run (new, or the original one for a replay),
-    or the `IdempotencyConflict` that refused this item alone."""
+    or the `IdempotencyConflict` that refused this item alone (or `NotFound`, in the rare
+    case the new run was recorded and then deleted before the submitter looked at it)."""
 
     run: Run | None
     replayed: bool = False
-    error: IdempotencyConflict | None = None
+    error: IdempotencyConflict | NotFound | None = None
 
     @property
     def ok(self) -> bool:
@@ -574,15 +575,24 @@ class Engine:
         new = plan.new
         ids = await self._record(specs, plan) if new else {}
         runs = self.state.runs
+
+        def recorded(run_id: str, replayed: bool) -> SubmitOutcome:
+            # The submitter resumes after the batch was applied; a delete may have come in
+            # between (durable all the same): answer that it is gone, not a KeyError.
+            run = runs.get(run_id)
+            if run is None:
+                return SubmitOutcome(None, False, NotFound(run_id))
+            return SubmitOutcome(_snapshot(run), replayed)
+
         out: builtins.list[SubmitOutcome] = []
         for i in range(len(specs)):
             if i in ids:
-                out.append(SubmitOutcome(_snapshot(runs[ids[i]]), False))
+                out.append(recorded(ids[i], False))
             elif i in plan.clashes:
                 conflict = IdempotencyConflict(specs[i].idempotency_key or "", ids[plan.same_as[i]])
                 out.append(SubmitOutcome(None, False, conflict))
             elif i in plan.same_as:
-                out.append(SubmitOutcome(_snapshot(runs[ids[plan.same_as[i]]]), True))
+                out.append(recorded(ids[plan.same_as[i]], True))
             elif i in plan.conflicts:
                 out.append(SubmitOutcome(None, False, plan.conflicts[i]))
             else:
