@@ -54,6 +54,7 @@ from .journal import (
     MAGIC,
     Damage,
     ScanReport,
+    _read_header,
     decode_line,
     encode_line,
     event_from_obj,
@@ -103,22 +104,6 @@ class _Kept:
     first_seq: int | None = None
     last_seq: int | None = None
     damaged: bool = False  # stopped at a damaged or out-of-sequence line
-
-
-def _intact_header(path: Path) -> dict[str, Any] | None:
-    """A segment's header if its first line decodes as one, else None."""
-    try:
-        with open(path, "rb") as f:
-            first = f.readline(1 << 16)
-    except FileNotFoundError:
-        return None
-    if not first.endswith(b"\n"):
-        return None
-    try:
-        obj = decode_line(first[:-1])
-    except ValueError:
-        return None
-    return obj if obj.get("magic") == MAGIC else None
 
 
 def _refuse_unknown_format(where: str, fmt: object) -> None:
@@ -254,10 +239,8 @@ def plan_header_fix(directory: Path, report: ScanReport, damage: Damage) -> Head
     i = segments.index(seg)
     compacted = _COMPACTED_KEY in damaged
     kept = _scan_kept(data, keep_from)
-    prev = _intact_header(directory / segment_name(segments[i - 1])) if i > 0 else None
-    nxt = (
-        _intact_header(directory / segment_name(segments[i + 1])) if i + 1 < len(segments) else None
-    )
+    prev = _read_header(directory / segment_name(segments[i - 1])) if i > 0 else None
+    nxt = _read_header(directory / segment_name(segments[i + 1])) if i + 1 < len(segments) else None
     if nxt is not None:
         where = f"the next segment's header ({segment_name(segments[i + 1])})"
         _refuse_unknown_format(where, nxt.get("format"))

@@ -432,16 +432,10 @@ def create_app(
         while not more:
             page = await engine.events(run_id, after, tenant=tenant, limit=page_size)
             for ev in page:
-                frames = builder.frames(ev)
-                n = len(frames)
-                for i, (name, data) in enumerate(frames, start=1):
-                    last = i == n
-                    if resume.seen(ev.seq, i, last):
-                        continue
+                for frame_id, name, data in resume.unseen(builder, ev):
                     if len(items) == limit:
                         more = True
                         break
-                    frame_id = str(ev.seq) if last else f"{ev.seq}.{i}"
                     items.append({"id": frame_id, "event": name, "data": data})
                 if more:
                     break

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -143,6 +143,16 @@ class ResumePoint:
         if self.part is None:
             return True
         return not last_part and part <= self.part
+
+    def unseen(self, builder: FrameBuilder, ev: Event) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """The frames of `ev` (from `builder`) a client at this point has not seen, as
+        (frame id, event name, data): what both a stream and an `/events` page send."""
+        frames = builder.frames(ev)
+        n = len(frames)
+        for i, (name, data) in enumerate(frames, start=1):
+            last = i == n
+            if not self.seen(ev.seq, i, last):
+                yield (str(ev.seq) if last else f"{ev.seq}.{i}"), name, data
 
 
 def parse_resume(last_event_id: str | None, after: str | None) -> ResumePoint:
@@ -438,11 +448,5 @@ class EventStreamBody(ResponseBody):
         resume = self.resume
         send = self._send
         async for ev in self.events:
-            frames = builder.frames(ev)
-            n = len(frames)
-            for i, (name, data) in enumerate(frames, start=1):
-                last = i == n
-                if resume.seen(ev.seq, i, last):
-                    continue
-                frame_id = str(ev.seq) if last else f"{ev.seq}.{i}"
+            for frame_id, name, data in resume.unseen(builder, ev):
                 await send.send((frame_id, encode_frame(frame_id, name, data)))
