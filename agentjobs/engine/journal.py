@@ -1271,15 +1271,7 @@ class Journal:
         end = start + len(buf)
         crc = zlib.crc32(buf, self._crc)
         if sync:
-            try:
-                self.hooks.fsync(fd)
-            except OSError:
-                self._cut_to_durable(fd)
-                raise
-            self.stats_fsyncs += 1
-            self._durable = end
-            self._unsynced.clear()
-            self._unsynced_bytes = 0
+            self._sync(fd, end)
         elif self.durability == "fsync":
             if buf:
                 self._unsynced.append(buf)
@@ -1296,6 +1288,19 @@ class Journal:
         except OSError:
             self._truncate(fd, start)
             raise
+
+    def _sync(self, fd: int, end: int) -> None:
+        """fsync; on success everything up to `end` is durable, on failure the file is cut
+        back to the last durable byte (the rest is written again later) and it raises."""
+        try:
+            self.hooks.fsync(fd)
+        except OSError:
+            self._cut_to_durable(fd)
+            raise
+        self.stats_fsyncs += 1
+        self._durable = end
+        self._unsynced.clear()
+        self._unsynced_bytes = 0
 
     def _cut_to_durable(self, fd: int) -> None:
         """After a failed fsync: keep only what is known durable; re-write the rest later."""
@@ -1324,15 +1329,7 @@ class Journal:
         fd = self._fd
         assert fd is not None
         if self.durability == "fsync" and (self._unsynced_bytes or self._size > self._durable):
-            try:
-                self.hooks.fsync(fd)
-            except OSError:
-                self._cut_to_durable(fd)
-                raise
-            self.stats_fsyncs += 1
-            self._durable = self._size
-            self._unsynced.clear()
-            self._unsynced_bytes = 0
+            self._sync(fd, self._size)
         seg = self._segment + 1
         new_fd, header = self._create_segment(seg, (self._size, self._crc))
         try:

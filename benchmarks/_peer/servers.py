@@ -283,21 +283,11 @@ def machine_info() -> dict[str, Any]:
 
 def fsync_probe(directory: Path, n: int = 100, size: int = 4096) -> tuple[float, float]:
     """p50/p90 ms of a bare append + fsync on this disk, now. On the project VM it flips
-    between ~0.2 ms and ~4 ms with the neighbours' I/O, and with it every fsync figure."""
-    path = directory / "fsync-probe.bin"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    times = []
-    try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            os.write(fd, b"x" * size)
-            os.fsync(fd)
-            times.append(time.perf_counter() - t0)
-    finally:
-        os.close(fd)
-        path.unlink()
-    times.sort()
-    return 1e3 * times[len(times) // 2], 1e3 * times[int(len(times) * 0.9)]
+    between ~0.2 ms and ~4 ms with the neighbours' I/O, and with it every fsync figure.
+    (benchmarks/journal.py's `raw_fsync_ms`, with a 4 KiB write.)"""
+    from journal import raw_fsync_ms  # benchmarks/journal.py: benchmarks/ is on sys.path
+
+    return raw_fsync_ms(directory, size=size, n=n)
 
 
 def source_digest() -> str:

@@ -45,6 +45,7 @@ import httpx
 import orjson
 import trio
 
+from .load import all_events
 from .markers import overlaps, read_markers
 from .server import (
     ServerProcess,
@@ -471,7 +472,7 @@ class CrashHarness:
             if status == "succeeded":
                 self._check_result(run, s, body["result"])
         for track in self.streams.values():
-            events = await self._all_events(client, track.run)
+            events = await all_events(client, track.run)
             if track.frames != events:
                 self.problem(
                     f"stream of {track.run} read in {track.connections} piece(s) differs "
@@ -489,18 +490,6 @@ class CrashHarness:
                 self.problem(f"run {run} ran with {seen!r}, submitted {sent!r}")
         elif result != body["prompt"]:
             self.problem(f"echo run {run} returned {result!r}, submitted {body['prompt']!r}")
-
-    async def _all_events(self, client: httpx.AsyncClient, run: str) -> list[tuple[str, str, Any]]:
-        out: list[tuple[str, str, Any]] = []
-        after = "0"
-        for _ in range(1000):
-            r = await client.get(f"{RUNS}/{run}/events", params={"after": after, "limit": 1000})
-            body = r.json()
-            out += [(e["id"], e["event"], e["data"]) for e in body["events"]]
-            if not body["more"]:
-                break
-            after = body["next_after"]
-        return out
 
     def _check_journal_offline(self) -> None:
         """After a clean stop: `log verify` passes and every acknowledged spec is in the
